@@ -1,0 +1,114 @@
+"""Option negotiation (RFC 2347, 2348, 2349, 7440): what we grant, from what was asked.
+
+Pure: the caller supplies what it knows of the world (the reader's size, the
+path MTU) and gets back the values the transfer runs with and the options to
+echo in an OACK. Only options the client asked for are ever echoed; a value we
+cannot honour is ignored (RFC 2347 lets the server leave an option out), which
+is kinder to ROMs than refusing the whole transfer with ERROR 8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional
+
+from .packets import MAX_NUMBER_DIGITS
+
+MIN_BLKSIZE = 8
+MAX_BLKSIZE = 65464
+DEFAULT_BLKSIZE = 512
+
+IPV4_OVERHEAD = 20 + 8 + 4
+"""IPv4 header, UDP header, TFTP DATA header: what a DATA datagram adds to blksize."""
+IPV6_OVERHEAD = 40 + 8 + 4
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side caps, set by the operator."""
+
+    max_blksize: int = MAX_BLKSIZE
+    max_windowsize: int = 64
+    max_window_bytes: int = 1 << 20
+    """Bytes in flight per transfer at most: bounds a burst whatever blksize was granted."""
+    timeout: float = 1.0
+    """First retransmission timeout when the client does not ask for one."""
+    give_up: float = 30.0
+    """Seconds without progress after which a transfer is abandoned."""
+    rollover: int = 0
+    """Block number after 65535: 0 (what most clients expect) or 1."""
+
+    def __post_init__(self) -> None:
+        if not MIN_BLKSIZE <= self.max_blksize <= MAX_BLKSIZE:
+            raise ValueError(f"max blksize must be {MIN_BLKSIZE}..{MAX_BLKSIZE}")
+        if not 1 <= self.max_windowsize <= 65535:
+            raise ValueError("max windowsize must be 1..65535")
+        if self.max_window_bytes < 1:
+            raise ValueError("max window bytes must be positive")
+        if not 0 < self.timeout <= 255:
+            raise ValueError("timeout must be more than 0 and at most 255 seconds")
+        if self.give_up < self.timeout:
+            raise ValueError("give-up time must be at least the timeout")
+        if self.rollover not in (0, 1):
+            raise ValueError("rollover must be 0 or 1")
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The terms a transfer runs on, and what to say in the OACK (empty: send DATA 1 at once)."""
+
+    blksize: int
+    windowsize: int
+    timeout: float
+    oack: Dict[str, str]
+
+
+def blksize_for_mtu(mtu: int, ipv6: bool) -> int:
+    """The largest blksize whose DATA datagram fits `mtu` without IP fragmentation."""
+    return mtu - (IPV6_OVERHEAD if ipv6 else IPV4_OVERHEAD)
+
+
+def negotiate(
+    requested: Mapping[str, str],
+    mode: str,
+    size: Optional[int],
+    limits: Limits,
+    path_mtu: Optional[int] = None,
+    ipv6: bool = False,
+) -> Negotiated:
+    """Grant what can be granted of `requested` (names lower-cased, values decimal strings).
+
+    `size` is the file's length when known (tsize is only answered then, and
+    never in netascii, whose length on the wire is not the file's). netascii
+    also forces a window of one block: its conversion is a stream that cannot
+    seek back for a go-back-N resend across a window cheaply.
+    """
+    blksize = DEFAULT_BLKSIZE
+    windowsize = 1
+    timeout = limits.timeout
+    oack: Dict[str, str] = {}
+    cap = limits.max_blksize
+    if path_mtu is not None:
+        cap = max(MIN_BLKSIZE, min(cap, blksize_for_mtu(path_mtu, ipv6)))
+
+    for name, value in requested.items():
+        if not (value.isascii() and value.isdigit() and len(value) <= MAX_NUMBER_DIGITS):
+            continue  # the codec refuses these; a caller building its own dict may not
+        number = int(value)
+        if name == "blksize" and number >= MIN_BLKSIZE:
+            blksize = min(number, cap, MAX_BLKSIZE)
+            oack[name] = str(blksize)
+        elif name == "tsize" and mode == "octet" and size is not None:
+            oack[name] = str(size)
+        elif name == "timeout" and 1 <= number <= 255:
+            timeout = float(number)
+            oack[name] = value
+        elif name == "windowsize" and number >= 1 and mode == "octet":
+            windowsize = min(number, limits.max_windowsize)
+            oack[name] = str(windowsize)
+
+    if "windowsize" in oack:
+        # The cap in bytes needs the final blksize, so it is applied after the loop.
+        windowsize = max(1, min(windowsize, limits.max_window_bytes // blksize))
+        oack["windowsize"] = str(windowsize)
+    return Negotiated(blksize, windowsize, timeout, oack)

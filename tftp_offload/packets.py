@@ -1,0 +1,221 @@
+"""The TFTP wire codec (RFC 1350, 2347): datagrams to values and back, no I/O.
+
+Decoding is strict on purpose: a network-boot server faces ROMs with bugs and
+scanners with worse, and every datagram that does not follow the RFCs to the
+letter must fail here, with one exception type and a reason that can be logged
+and sent back, before any other layer sees it.
+
+Encoding of DATA packets is not done here per block: the transfer engine
+builds them with `DATA_HEADER` directly, because that is the hot path.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Dict, Union
+
+
+class Opcode(IntEnum):
+    RRQ = 1
+    WRQ = 2
+    DATA = 3
+    ACK = 4
+    ERROR = 5
+    OACK = 6
+
+
+class ErrorCode(IntEnum):
+    """TFTP error codes (RFC 1350, and 8 from RFC 2347)."""
+
+    NOT_DEFINED = 0
+    FILE_NOT_FOUND = 1
+    ACCESS_VIOLATION = 2
+    DISK_FULL = 3
+    ILLEGAL_OPERATION = 4
+    UNKNOWN_TID = 5
+    FILE_EXISTS = 6
+    NO_SUCH_USER = 7
+    OPTION_REFUSED = 8
+
+
+MODES = ("netascii", "octet")
+"""Transfer modes served. "mail" (RFC 1350) is obsolete and refused as unknown."""
+
+NUMERIC_OPTIONS = frozenset({"blksize", "tsize", "timeout", "windowsize", "rollover"})
+"""Options whose value must be a decimal number; anything else is a malformed request."""
+
+MAX_NUMBER_DIGITS = 20
+"""Longer numbers are not numbers any client means; refusing them bounds int() work."""
+
+_HEADER = struct.Struct("!HH")
+DATA_HEADER = _HEADER
+"""Opcode and block number: the first four bytes of DATA, ACK and ERROR packets."""
+_OPCODE = struct.Struct("!H")
+
+
+class MalformedPacket(ValueError):
+    """A datagram that is not a valid TFTP packet; the message says why."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """An RRQ or WRQ. `filename` stays bytes: what it means is the backend's business."""
+
+    opcode: Opcode
+    filename: bytes
+    mode: str
+    options: Dict[str, str] = field(default_factory=dict)
+    """Option names lower-cased, in the order sent (dicts keep it)."""
+
+
+@dataclass(frozen=True)
+class Data:
+    block: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Ack:
+    block: int
+
+
+@dataclass(frozen=True)
+class Error:
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class OptionAck:
+    options: Dict[str, str]
+
+
+Packet = Union[Request, Data, Ack, Error, OptionAck]
+
+
+def _split_strings(body: bytes, what: str) -> list[bytes]:
+    """Split NUL-terminated strings; the body must end with a NUL."""
+    if not body.endswith(b"\0"):
+        raise MalformedPacket(f"{what} does not end with a NUL byte")
+    return body[:-1].split(b"\0")
+
+
+def _ascii(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise MalformedPacket(f"{what} is not ASCII") from None
+
+
+def _decode_options(fields: list[bytes], what: str) -> Dict[str, str]:
+    if len(fields) % 2:
+        raise MalformedPacket(f"{what} has an option without a value")
+    options: Dict[str, str] = {}
+    for i in range(0, len(fields), 2):
+        name = _ascii(fields[i], "an option name").lower()
+        value = _ascii(fields[i + 1], f"the value of option {name!r}")
+        if not name:
+            raise MalformedPacket(f"{what} has an empty option name")
+        if name in options:
+            raise MalformedPacket(f"{what} repeats option {name!r}")
+        if name in NUMERIC_OPTIONS and not (
+            0 < len(value) <= MAX_NUMBER_DIGITS and value.isdigit() and value.isascii()
+        ):
+            raise MalformedPacket(f"option {name!r} has a bad number {value!r}")
+        options[name] = value
+    return options
+
+
+def decode(datagram: bytes) -> Packet:
+    """Decode one datagram, or raise `MalformedPacket`."""
+    if len(datagram) < 2:
+        raise MalformedPacket("datagram shorter than an opcode")
+    (op,) = _OPCODE.unpack_from(datagram)
+    if op in (Opcode.RRQ, Opcode.WRQ):
+        fields = _split_strings(datagram[2:], "request")
+        if len(fields) < 2:
+            raise MalformedPacket("request lacks a filename or mode")
+        filename = fields[0]
+        if not filename:
+            raise MalformedPacket("request has an empty filename")
+        mode = _ascii(fields[1], "mode").lower()
+        if mode not in MODES:
+            raise MalformedPacket(f"unknown transfer mode {mode!r}")
+        return Request(Opcode(op), filename, mode, _decode_options(fields[2:], "request"))
+    if op == Opcode.DATA:
+        if len(datagram) < 4:
+            raise MalformedPacket("DATA packet shorter than its header")
+        return Data(_HEADER.unpack_from(datagram)[1], datagram[4:])
+    if op == Opcode.ACK:
+        if len(datagram) != 4:
+            raise MalformedPacket(f"ACK packet of {len(datagram)} bytes, not 4")
+        return Ack(_HEADER.unpack_from(datagram)[1])
+    if op == Opcode.ERROR:
+        if len(datagram) < 5:
+            raise MalformedPacket("ERROR packet shorter than its header")
+        fields = _split_strings(datagram[4:], "ERROR packet")
+        if len(fields) != 1:
+            raise MalformedPacket("ERROR packet has bytes after its message")
+        message = fields[0].decode("utf-8", "replace")
+        return Error(_HEADER.unpack_from(datagram)[1], message)
+    if op == Opcode.OACK:
+        fields = _split_strings(datagram[2:], "OACK") if len(datagram) > 2 else []
+        if not fields:
+            raise MalformedPacket("OACK without options")
+        return OptionAck(_decode_options(fields, "OACK"))
+    raise MalformedPacket(f"unknown opcode {op}")
+
+
+def _encode_options(options: Dict[str, str]) -> bytes:
+    return b"".join(
+        name.encode("ascii") + b"\0" + value.encode("ascii") + b"\0" for name, value in options.items()
+    )
+
+
+def encode_request(request: Request) -> bytes:
+    return (
+        _OPCODE.pack(request.opcode)
+        + request.filename
+        + b"\0"
+        + request.mode.encode("ascii")
+        + b"\0"
+        + _encode_options(request.options)
+    )
+
+
+def encode_data(block: int, payload: bytes) -> bytes:
+    return _HEADER.pack(Opcode.DATA, block) + payload
+
+
+def encode_ack(block: int) -> bytes:
+    return _HEADER.pack(Opcode.ACK, block)
+
+
+MAX_ERROR_MESSAGE = 400
+"""Bytes of message sent at most: an ERROR must fit the smallest datagram a ROM takes (512)."""
+
+
+def encode_error(code: int, message: str) -> bytes:
+    text = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE].replace(b"\0", b" ")
+    return _HEADER.pack(Opcode.ERROR, code) + text + b"\0"
+
+
+def encode_oack(options: Dict[str, str]) -> bytes:
+    if not options:
+        raise ValueError("an OACK must carry at least one option")
+    return _OPCODE.pack(Opcode.OACK) + _encode_options(options)
+
+
+def encode(packet: Packet) -> bytes:
+    """Encode any packet value; the inverse of `decode`."""
+    if isinstance(packet, Request):
+        return encode_request(packet)
+    if isinstance(packet, Data):
+        return encode_data(packet.block, packet.payload)
+    if isinstance(packet, Ack):
+        return encode_ack(packet.block)
+    if isinstance(packet, Error):
+        return encode_error(packet.code, packet.message)
+    return encode_oack(packet.options)

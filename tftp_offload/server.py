@@ -1,0 +1,420 @@
+"""The Twisted driver: requests in on the listening ports, one session per transfer.
+
+Everything protocol-shaped is decided elsewhere (`packets`, `options`,
+`engine`); this module only moves datagrams, time and Deferreds between them,
+the backend and the reactor. The chain for one request:
+
+    RRQ decoded -> duplicate / capacity checks -> backend.get_reader (in a
+    twisted.python.context with local, remote, mode, options; timed out) ->
+    negotiate (tsize from reader.size, blksize clamped to the path MTU) ->
+    a UDP port of its own, bound to the address the RRQ was sent to ->
+    the engine runs -> reader.finish() -> one log line with the outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from twisted.internet import base, udp
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python import context
+from twisted.python.failure import Failure
+
+from .engine import ReadTransfer
+from .errors import error_for
+from .interfaces import IBackend
+from .options import Limits, negotiate
+from .packets import (
+    ErrorCode,
+    MalformedPacket,
+    Opcode,
+    Request,
+    decode,
+    encode_error,
+    encode_oack,
+)
+from .readers import NetasciiReader
+from .udp import Address, RequestPort, TransferPort, is_ipv6, path_mtu, plain_host
+
+log = Logger(namespace="tftp_offload")
+
+DUPLICATE_WINDOW = 2.0
+"""Seconds during which an identical RRQ from the same (address, port) is a retransmission.
+
+PXE ROMs resend an RRQ within milliseconds and race the duplicates; a
+second transfer would make two sessions fight over one client port."""
+
+LOOKUP_TIMEOUT = 4.0
+"""Seconds a backend may take to answer; well under a PXE ROM's RRQ retry budget."""
+
+UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
+
+MTU_CACHE_SIZE = 4096
+
+
+class _LogBudget:
+    """At most `per_second` log lines of one kind a second: bad traffic must not flood the log."""
+
+    def __init__(self, per_second: int = 10) -> None:
+        self.per_second = per_second
+        self._second = 0
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        second = int(now)
+        if second != self._second:
+            self._second, self._count = second, 0
+        self._count += 1
+        if self._count > self.per_second:
+            self.suppressed += 1
+            return False
+        return True
+
+
+class TFTPServer:
+    """What all listening ports share: the backend, the limits and the table of sessions."""
+
+    def __init__(
+        self,
+        backend: IBackend,
+        limits: Limits = Limits(),
+        max_sessions: int = 1000,
+        lookup_timeout: float = LOOKUP_TIMEOUT,
+        reactor: Any = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.backend = backend
+        self.limits = limits
+        self.max_sessions = max_sessions
+        self.lookup_timeout = lookup_timeout
+        self.reactor = reactor
+        self.sessions: Dict[Address, Session] = {}
+        self._mtus: Dict[Tuple[str, str], Optional[int]] = {}
+        self._bad = _LogBudget()
+        self.accepting = True
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def request_received(self, listener: RequestPort, data: bytes, wire_client: Address, local: str) -> None:
+        """A datagram on a listening port. `wire_client` is the address as the socket saw it."""
+        client = (plain_host(wire_client[0]), wire_client[1])
+        local = plain_host(local)
+        try:
+            packet = decode(data)
+        except MalformedPacket as e:
+            is_request = data[:2] in (b"\0\1", b"\0\2")
+            if self._bad.allow(time.monotonic()):
+                log.info("Malformed datagram from {client}: {reason}", client=client, reason=str(e),
+                         outcome="malformed")
+            if is_request:  # someone meant to ask for a file: tell them why not
+                listener.reply(encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}"),
+                               wire_client, local)
+            return
+        if not isinstance(packet, Request):
+            if self._bad.allow(time.monotonic()):
+                log.info("Ignored {opcode} from {client} on the request port", client=client,
+                         opcode=Opcode(data[1]).name, outcome="ignored")
+            return
+        if packet.opcode == Opcode.WRQ:
+            log.info("Refused write request for {file!r} from {client}", client=client,
+                     file=packet.filename, outcome="refused")
+            listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
+                                        "Write requests are not supported: this server is read-only"),
+                           wire_client, local)
+            return
+        if not self.accepting:
+            return
+        now = self.reactor.seconds()
+        existing = self.sessions.get(client)
+        if existing is not None:
+            if existing.raw == data and now - existing.started < DUPLICATE_WINDOW:
+                log.debug("Duplicate request from {client} ignored", client=client)
+                return
+            # The client has moved on (a UEFI probe's follow-up RRQ, or a restart): so do we.
+            existing.close("superseded")
+        if len(self.sessions) >= self.max_sessions:
+            if self._bad.allow(now):
+                log.warn("Dropped request for {file!r} from {client}: {sessions} transfers running "
+                         "(--max-sessions); the client will retry", client=client, file=packet.filename,
+                         sessions=len(self.sessions), outcome="busy")
+            return
+        session = Session(self, packet, data, client, wire_client, local, listener, now)
+        self.sessions[client] = session
+        session.lookup()
+
+    def path_mtu(self, local: str, peer: str) -> Optional[int]:
+        key = (local, peer)
+        try:
+            return self._mtus[key]
+        except KeyError:
+            pass
+        if len(self._mtus) >= MTU_CACHE_SIZE:
+            self._mtus.clear()
+        mtu = self._mtus[key] = path_mtu(local.split("%", 1)[0], peer)
+        return mtu
+
+    def forget(self, session: "Session") -> None:
+        if self.sessions.get(session.client) is session:
+            del self.sessions[session.client]
+
+    def shutdown(self) -> None:
+        """Stop taking requests and end every session (each removes its ephemeral state)."""
+        self.accepting = False
+        for session in list(self.sessions.values()):
+            session.close("aborted", "Server shutting down")
+
+
+class ListenerProtocol(DatagramProtocol):
+    """The protocol of one listening port; all of them hand requests to one `TFTPServer`."""
+
+    noisy = False
+
+    def __init__(self, server: TFTPServer) -> None:
+        self.server = server
+
+    def requestReceived(self, data: bytes, client: Address, local: str) -> None:
+        self.server.request_received(self.transport, data, client, local)
+
+
+class _TransferPort(TransferPort):
+    """`TransferPort` without udp.Port's two log lines per open and close (one port per transfer)."""
+
+    def _bindSocket(self) -> None:
+        try:
+            skt = self.createInternetSocket()
+            skt.bind((self.interface, 0))
+        except OSError as e:
+            raise CannotListenError(self.interface, 0, e) from e
+        self._realPortNumber = skt.getsockname()[1]
+        self.connected = 1
+        self.socket = skt
+        self.fileno = skt.fileno
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        self._realPortNumber = None
+        self.maxThroughput = -1
+        base.BasePort.connectionLost(self, reason)
+        self.protocol.doStop()
+        self.socket.close()
+        del self.socket
+        del self.fileno
+
+
+class Session(DatagramProtocol):
+    """One RRQ, from the backend lookup to the end of its transfer."""
+
+    noisy = False
+
+    def __init__(self, server: TFTPServer, request: Request, raw: bytes, client: Address,
+                 wire_client: Address, local: str, listener: RequestPort, now: float) -> None:
+        self.server = server
+        self.request = request
+        self.raw = raw
+        self.client = client
+        self.wire_client = wire_client
+        self.local = local
+        self.listener = listener
+        self.started = now
+        self.engine: Optional[ReadTransfer] = None
+        self.reader: Any = None
+        self.outcome: Optional[str] = None
+        self._lookup: Optional[Deferred] = None
+        self._timer: Optional[IDelayedCall] = None
+        self._reading = False
+        self._port: Optional[_TransferPort] = None
+
+    # -- phase 1: ask the backend -------------------------------------------------------------
+
+    def lookup(self) -> None:
+        request = self.request
+        ctx = {
+            "local": (self.local, self.listener.getHost().port),
+            "remote": self.client,
+            "mode": request.mode,
+            "options": dict(request.options),
+        }
+        try:
+            result = context.call(ctx, self.server.backend.get_reader, request.filename)
+        except Exception:
+            self._lookup_failed(Failure())
+            return
+        if isinstance(result, Deferred):
+            self._lookup = result
+            result.addTimeout(self.server.lookup_timeout, self.server.reactor)
+            result.addCallbacks(self._got_reader, self._lookup_failed)
+        else:
+            self._got_reader(result)
+
+    def _lookup_failed(self, failure: Failure) -> None:
+        self._lookup = None
+        if self.outcome is not None:
+            return
+        from twisted.internet.defer import TimeoutError as DeferredTimeout
+
+        if failure.check(DeferredTimeout):
+            code, message, expected = ErrorCode.NOT_DEFINED, "Backend did not answer in time", True
+        else:
+            code, message, expected = error_for(failure.value)
+        if expected:
+            log.info("Request for {file!r} from {client} refused: {message}", file=self.request.filename,
+                     client=self.client, message=message, code=int(code), outcome="refused")
+        else:
+            log.failure("Backend failed on {file!r} from {client}", failure=failure,
+                        file=self.request.filename, client=self.client, outcome="backend-error")
+        self.listener.reply(encode_error(code, message), self.wire_client, self.local)
+        self._end("refused")
+
+    def _got_reader(self, reader: Any) -> None:
+        self._lookup = None
+        if self.outcome is not None:  # closed while the backend was thinking
+            _finish_reader(reader)
+            return
+        request = self.request
+        self.reader = reader = NetasciiReader(reader) if request.mode == "netascii" else reader
+        try:
+            size = reader.size
+            ipv6 = is_ipv6(self.client[0])
+            negotiated = negotiate(request.options, request.mode, size, self.server.limits,
+                                   self.server.path_mtu(self.local, self.client[0]), ipv6)
+            port = _TransferPort(0, self, self.local, 65536, self.server.reactor)
+            port.startListening()
+        except Exception:
+            log.failure("Could not start a transfer of {file!r} to {client}", file=request.filename,
+                        client=self.client)
+            self.listener.reply(encode_error(ErrorCode.NOT_DEFINED, "Internal server error"),
+                                self.wire_client, self.local)
+            self._end("aborted")
+            return
+        self._port = port
+        self.engine = engine = ReadTransfer(negotiated, self.server.limits,
+                                            encode_oack(negotiated.oack) if negotiated.oack else None)
+        now = self.server.reactor.seconds()
+        self._send(engine.start(now))
+        self._pump(now)
+        self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
+
+    # -- phase 2: the transfer (the hot path) ---------------------------------------------------
+
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:
+        engine = self.engine
+        if engine is None or self.outcome is not None:
+            return
+        if addr != self.client:
+            # RFC 1350: answer a stranger with ERROR 5 and carry on with the real peer.
+            self._port.send(UNKNOWN_TID, addr)  # type: ignore[union-attr]
+            return
+        now = self.server.reactor.seconds()
+        out = engine.datagram(datagram, now)
+        if out:
+            self._send(out)
+        if engine.need and not self._reading:
+            self._pump(now)
+        if engine.outcome is not None:
+            self._end(engine.outcome)
+
+    def _send(self, datagrams: List[bytes]) -> None:
+        send = self._port.send  # type: ignore[union-attr]
+        client = self.client
+        for datagram in datagrams:
+            send(datagram, client)
+
+    def _pump(self, now: float) -> None:
+        """Feed the engine what it needs; synchronous readers loop here, Deferred ones call back."""
+        engine = self.engine
+        assert engine is not None
+        while engine.need and self.outcome is None:
+            try:
+                chunk = self.reader.read(engine.need)
+            except Exception:
+                self._read_failed(Failure())
+                return
+            if isinstance(chunk, Deferred):
+                self._reading = True
+                chunk.addCallbacks(self._read_done, self._read_failed)
+                return
+            self._send(engine.data(chunk, now))
+
+    def _read_done(self, chunk: bytes) -> None:
+        self._reading = False
+        if self.outcome is None and self.engine is not None:
+            now = self.server.reactor.seconds()
+            self._send(self.engine.data(chunk, now))
+            self._pump(now)
+
+    def _read_failed(self, failure: Failure) -> None:
+        self._reading = False
+        if self.outcome is not None:
+            return
+        log.failure("Reading {file!r} for {client} failed", failure=failure, file=self.request.filename,
+                    client=self.client)
+        self.close("aborted", "Error reading the file")
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        engine = self.engine
+        if engine is None or self.outcome is not None:
+            return
+        now = self.server.reactor.seconds()
+        out = engine.timer(now)
+        if out:
+            self._send(out)
+        if engine.outcome is not None:
+            self._end(engine.outcome)
+        else:
+            self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def close(self, outcome: str, message: Optional[str] = None) -> None:
+        """End from our side; `message`, if given, is sent to the client as ERROR 0."""
+        if self.outcome is not None:
+            return
+        if self.engine is not None and message is not None:
+            self._send([self.engine.abort(message)])
+        lookup, self._lookup = self._lookup, None
+        self._end(outcome)
+        if lookup is not None:
+            lookup.cancel()  # _lookup_failed sees the outcome and stays quiet
+
+    def _end(self, outcome: str) -> None:
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        self.server.forget(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.reader is not None:
+            _finish_reader(self.reader)
+        if self._port is not None:
+            self._port.stopListening()
+        engine = self.engine
+        if engine is not None:
+            now = self.server.reactor.seconds()
+            log.info(
+                "{outcome} {file!r} to {client}: {bytes} bytes in {duration:.3f}s",
+                outcome=outcome,
+                file=self.request.filename,
+                client=self.client,
+                local=self.local,
+                bytes=engine.bytes_acked,
+                duration=now - self.started,
+                blksize=engine.blksize,
+                windowsize=engine.windowsize,
+                retransmits=engine.retransmits,
+                client_error=engine.client_error,
+            )
+
+
+def _finish_reader(reader: Any) -> None:
+    try:
+        reader.finish()
+    except Exception:
+        log.failure("reader.finish() failed")

@@ -1,0 +1,81 @@
+"""The embedding API: a TFTP server as an ordinary Twisted service.
+
+    from tftp_offload.service import TFTPOffloadService
+    TFTPOffloadService(backend, listen=[("::", 69)]).setServiceParent(application)
+
+`backend` is anything providing `IBackend` (python-tx-tftp's contract, which
+MAAS's rack controller implements). No twistd, no socket, no subprocess.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+
+from .interfaces import IBackend
+from .options import Limits
+from .server import LOOKUP_TIMEOUT, ListenerProtocol, TFTPServer
+from .udp import RequestPort, is_ipv6
+
+log = Logger(namespace="tftp_offload")
+
+DEFAULT_LISTEN: Tuple[Tuple[str, int], ...] = (("::", 69),)
+"""Every address, IPv4 and IPv6, on the TFTP port: one dual-stack socket."""
+
+
+class TFTPOffloadService(Service):
+    """Listens on `listen` (host, port) pairs and serves what `backend` decides."""
+
+    def __init__(
+        self,
+        backend: IBackend,
+        listen: Sequence[Tuple[str, int]] = DEFAULT_LISTEN,
+        limits: Limits = Limits(),
+        max_sessions: int = 1000,
+        lookup_timeout: float = LOOKUP_TIMEOUT,
+        reactor: Any = None,
+    ) -> None:
+        self.backend = backend
+        self.listen = list(listen)
+        self.limits = limits
+        self.max_sessions = max_sessions
+        self.lookup_timeout = lookup_timeout
+        self._reactor = reactor
+        self.server: Optional[TFTPServer] = None
+        self.ports: List[RequestPort] = []
+
+    def startService(self) -> None:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor)
+        v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
+        try:
+            for host, port in self.listen:
+                # An IPv6 wildcard is dual-stack unless an IPv4 address is also asked for on its port.
+                v6only = (port in v4_ports) if is_ipv6(host) else None
+                listener = RequestPort(port, ListenerProtocol(self.server), host, v6only, reactor=reactor)
+                listener.startListening()
+                self.ports.append(listener)
+                log.info("Serving TFTP on {address}", address=_show(host, listener.getHost().port))
+        except Exception:
+            for listener in self.ports:
+                listener.stopListening()
+            self.ports = []
+            raise
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self.server is not None:
+            self.server.shutdown()
+        stopping = [listener.stopListening() for listener in self.ports]
+        self.ports = []
+        return DeferredList([d for d in stopping if d is not None])
+
+
+def _show(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if is_ipv6(host) else f"{host}:{port}"

@@ -1,0 +1,171 @@
+"""UDP ports that know which local address each datagram was sent to.
+
+Twisted has no API for a datagram's destination address. A server listening
+on a wildcard address must still answer from the address the client wrote to
+(ROMs drop replies from anywhere else) and must tell the backend that address
+(MAAS renders boot URLs from it). `RequestPort` asks the kernel for it with
+IP_PKTINFO / IPV6_RECVPKTINFO on every datagram, and can send a reply from it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from typing import Any, Optional, Tuple
+
+from twisted.internet import udp
+from twisted.logger import Logger
+
+log = Logger()
+
+Address = Tuple[str, int]
+
+# Linux values; Python 3.11's socket module lacks IP_PKTINFO.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+
+_IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
+_IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
+_ANCILLARY_SPACE = socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size)
+
+_READ_IGNORE = frozenset(udp._sockErrReadIgnore)  # type: ignore[attr-defined]  # EAGAIN, EINTR...
+_READ_REFUSE = frozenset(udp._sockErrReadRefuse)  # type: ignore[attr-defined]  # ECONNREFUSED...
+
+
+def plain_host(host: str) -> str:
+    """`::ffff:a.b.c.d` as `a.b.c.d`: a dual-stack socket's view of an IPv4 peer, as people write it."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def is_ipv6(host: str) -> bool:
+    return ":" in host
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+class RequestPort(udp.Port):
+    """A listening UDP port that hands its protocol `(datagram, client, local address)`.
+
+    The protocol must have `requestReceived(data, client, local_host)`; replies
+    sent with `reply()` leave from that local address.
+    """
+
+    def __init__(self, port: int, proto: Any, interface: str = "", v6only: Optional[bool] = None,
+                 maxPacketSize: int = 65536, reactor: Any = None) -> None:
+        super().__init__(port, proto, interface, maxPacketSize, reactor)
+        self._v6only = v6only
+        self._wildcard = _is_wildcard(interface)
+
+    @classmethod
+    def adopt(cls, fd: int, family: int, proto: Any, reactor: Any = None) -> "RequestPort":
+        """Take over an already bound socket (socket activation); it is set non-blocking here."""
+        skt = socket.socket(family, socket.SOCK_DGRAM, 0, fd)
+        skt.setblocking(False)
+        host = skt.getsockname()[0]
+        self = cls(skt.getsockname()[1], proto, host, None, 65536, reactor)
+        self._preexistingSocket = skt  # type: ignore[attr-defined]
+        self._enable_pktinfo(skt)
+        return self
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = super().createInternetSocket()
+        if self.addressFamily == socket.AF_INET6 and self._v6only is not None:
+            skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self._v6only))
+        self._enable_pktinfo(skt)
+        return skt
+
+    def _enable_pktinfo(self, skt: socket.socket) -> None:
+        if skt.family == socket.AF_INET6:
+            skt.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+        else:
+            skt.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+    def doRead(self) -> None:
+        read = 0
+        sock = self.socket
+        family = self.addressFamily
+        while read < self.maxThroughput:
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(self.maxPacketSize, _ANCILLARY_SPACE)
+            except OSError as e:
+                if e.args[0] in _READ_IGNORE or e.args[0] in _READ_REFUSE:
+                    return
+                raise
+            read += len(data)
+            local = self._local_address(ancillary)
+            if family == socket.AF_INET6:
+                addr = addr[:2]
+            try:
+                self.protocol.requestReceived(data, addr, local)
+            except Exception:
+                log.failure("Unhandled error handling a datagram from {client}", client=addr)
+
+    def _local_address(self, ancillary: list) -> str:
+        for level, kind, payload in ancillary:
+            if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO:
+                raw, ifindex = _IN6_PKTINFO.unpack_from(payload)
+                host = str(ipaddress.IPv6Address(raw))
+                if host.startswith("fe80:"):
+                    host = f"{host}%{ifindex}"
+                return host
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                return socket.inet_ntoa(_IN_PKTINFO.unpack_from(payload)[2])
+        return self.getHost().host
+
+    def reply(self, datagram: bytes, client: Address, local: str) -> None:
+        """Send from `local` (the address the client's request was sent to); losses are not errors."""
+        try:
+            if not self._wildcard:
+                self.socket.sendto(datagram, client)
+            elif self.addressFamily == socket.AF_INET6:
+                host = local.split("%", 1)[0]
+                if "." in host and ":" not in host:
+                    host = "::ffff:" + host
+                info = _IN6_PKTINFO.pack(socket.inet_pton(socket.AF_INET6, host), 0)
+                self.socket.sendmsg([datagram], [(socket.IPPROTO_IPV6, IPV6_PKTINFO, info)], 0, client)
+            else:
+                info = _IN_PKTINFO.pack(0, socket.inet_aton(local), b"\0" * 4)
+                self.socket.sendmsg([datagram], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, client)
+        except OSError as e:
+            log.warn("Could not send to {client}: {error}", client=client, error=e)
+
+
+class TransferPort(udp.Port):
+    """The ephemeral port of one transfer: bound to the request's local address, never connected.
+
+    Not connected, so that a stray datagram from another (address, port)
+    reaches the protocol and can be answered with ERROR 5 (RFC 1350).
+    `send` skips `udp.Port.write`'s per-call address validation: the peer's
+    address came from the kernel, and this is the hot path.
+    """
+
+    def send(self, datagram: bytes, addr: Address) -> bool:
+        """Send; False when the kernel dropped it (a full buffer is loss, which the engine repairs)."""
+        try:
+            self.socket.sendto(datagram, addr)
+            return True
+        except OSError:
+            return False
+
+
+def path_mtu(local: str, peer: str) -> Optional[int]:
+    """The kernel's MTU for the route from `local` to `peer`, or None if it cannot tell."""
+    family = socket.AF_INET6 if is_ipv6(peer) else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((local, 0))
+            probe.connect((peer, 9))
+            if family == socket.AF_INET6:
+                return int(probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
+            return int(probe.getsockopt(socket.IPPROTO_IP, IP_MTU))
+    except OSError:
+        return None
+
