@@ -97,7 +97,8 @@ class ReadTransfer:
         self._rto_base = negotiated.timeout
         self._rto = negotiated.timeout
         self._rto_cap = max(MAX_BACKOFF, negotiated.timeout)
-        self._give_up = max(limits.give_up, negotiated.timeout)
+        # At least a few retransmissions, even when a client asks for a long timeout.
+        self._give_up = max(limits.give_up, 4 * negotiated.timeout)
         self._progress_at = 0.0
         self._rollover = limits.rollover
         self._started = 0.0
@@ -226,6 +227,7 @@ class ReadTransfer:
             return NOTHING
         if block < self._sent:
             # A partial ACK: the client saw a gap after `block`. Go back and resend from there.
+            self.retransmits += self._sent - block
             self._sent = block
         out = self._send_new(now)
         self._update_need()
@@ -247,7 +249,8 @@ class ReadTransfer:
             # end of file is measured against it, so it must not grow under that read.
             return
         if self._last is None:
-            blocks = self._acked + self.windowsize - self._next + 1
+            # max(): the OACK stands as block 0 but takes no room in the first window.
+            blocks = max(self._acked, 0) + self.windowsize - self._next + 1
             self.need = blocks * self.blksize if blocks > 0 else 0
         else:
             self.need = 0

@@ -17,6 +17,8 @@ from .packets import MAX_NUMBER_DIGITS
 MIN_BLKSIZE = 8
 MAX_BLKSIZE = 65464
 DEFAULT_BLKSIZE = 512
+MAX_WINDOWSIZE = 32767
+"""Half the 16-bit block space: any more and a stale ACK reads as a fresh one."""
 
 IPV4_OVERHEAD = 20 + 8 + 4
 """IPv4 header, UDP header, TFTP DATA header: what a DATA datagram adds to blksize."""
@@ -41,8 +43,8 @@ class Limits:
     def __post_init__(self) -> None:
         if not MIN_BLKSIZE <= self.max_blksize <= MAX_BLKSIZE:
             raise ValueError(f"max blksize must be {MIN_BLKSIZE}..{MAX_BLKSIZE}")
-        if not 1 <= self.max_windowsize <= 65535:
-            raise ValueError("max windowsize must be 1..65535")
+        if not 1 <= self.max_windowsize <= MAX_WINDOWSIZE:
+            raise ValueError(f"max windowsize must be 1..{MAX_WINDOWSIZE}")
         if self.max_window_bytes < 1:
             raise ValueError("max window bytes must be positive")
         if not 0 < self.timeout <= 255:
@@ -102,7 +104,7 @@ def negotiate(
             oack[name] = str(size)
         elif name == "timeout" and 1 <= number <= 255:
             timeout = float(number)
-            oack[name] = value
+            oack[name] = str(number)
         elif name == "windowsize" and number >= 1 and mode == "octet":
             windowsize = min(number, limits.max_windowsize)
             oack[name] = str(windowsize)

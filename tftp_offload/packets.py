@@ -198,7 +198,8 @@ MAX_ERROR_MESSAGE = 400
 
 
 def encode_error(code: int, message: str) -> bytes:
-    text = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE].replace(b"\0", b" ")
+    cut = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE].decode("utf-8", "ignore")
+    text = cut.encode("utf-8").replace(b"\0", b" ")
     return _HEADER.pack(Opcode.ERROR, code) + text + b"\0"
 
 

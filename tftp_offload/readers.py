@@ -22,23 +22,38 @@ class FileReader:
 
     Taking a descriptor rather than a path lets the caller open (and check)
     the file once, and lets a descriptor passed in from elsewhere be served.
+    A regular file is read with `pread` at the reader's own offset, so a
+    descriptor shared with another reader (or left at any offset by whoever
+    opened it) reads right; a pipe is read as the stream it is.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd: Optional[int] = fd
+        self._offset = 0
         info = os.fstat(fd)
-        self.size: Optional[int] = info.st_size if stat.S_ISREG(info.st_mode) else None
+        regular = stat.S_ISREG(info.st_mode)
+        self.size: Optional[int] = info.st_size if regular else None
+        self._read = self._pread if regular else self._stream_read
 
     def read(self, size: int) -> bytes:
         if self._fd is None:
             raise ValueError("read from a finished reader")
-        data = os.read(self._fd, size)
-        while 0 < len(data) < size:  # a short read is only the end once read() says 0
-            more = os.read(self._fd, size - len(data))
+        data = self._read(self._fd, size)
+        while 0 < len(data) < size:  # a short read is only the end once a read says 0
+            more = self._read(self._fd, size - len(data))
             if not more:
                 break
             data += more
         return data
+
+    def _pread(self, fd: int, size: int) -> bytes:
+        data = os.pread(fd, size, self._offset)
+        self._offset += len(data)
+        return data
+
+    @staticmethod
+    def _stream_read(fd: int, size: int) -> bytes:
+        return os.read(fd, size)
 
     def finish(self) -> None:
         if self._fd is not None:

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python import context
 from twisted.python.failure import Failure
 
-from .engine import ReadTransfer
+from .engine import Outcome, ReadTransfer
 from .errors import error_for
 from .interfaces import IBackend
 from .options import Limits, negotiate
@@ -87,6 +87,7 @@ class TFTPServer:
         max_sessions: int = 1000,
         lookup_timeout: float = LOOKUP_TIMEOUT,
         reactor: Any = None,
+        quiet: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -99,6 +100,8 @@ class TFTPServer:
         self._mtus: Dict[Tuple[str, str], Optional[int]] = {}
         self._bad = _LogBudget()
         self.accepting = True
+        self.quiet = quiet
+        """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -339,14 +342,24 @@ class Session(DatagramProtocol):
                 self._reading = True
                 chunk.addCallbacks(self._read_done, self._read_failed)
                 return
-            self._send(engine.data(chunk, now))
+            if not self._feed(chunk, now):
+                return
+
+    def _feed(self, chunk: bytes, now: float) -> bool:
+        engine = self.engine
+        assert engine is not None
+        if len(chunk) > engine.need:
+            self._read_failed(Failure(ValueError(f"reader returned {len(chunk)} bytes for {engine.need}")))
+            return False
+        self._send(engine.data(chunk, now))
+        return True
 
     def _read_done(self, chunk: bytes) -> None:
         self._reading = False
         if self.outcome is None and self.engine is not None:
             now = self.server.reactor.seconds()
-            self._send(self.engine.data(chunk, now))
-            self._pump(now)
+            if self._feed(chunk, now):
+                self._pump(now)
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = False
@@ -396,7 +409,7 @@ class Session(DatagramProtocol):
         if self._port is not None:
             self._port.stopListening()
         engine = self.engine
-        if engine is not None:
+        if engine is not None and not (outcome == Outcome.COMPLETE and self.server.quiet):
             now = self.server.reactor.seconds()
             log.info(
                 "{outcome} {file!r} to {client}: {bytes} bytes in {duration:.3f}s",

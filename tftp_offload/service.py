@@ -37,6 +37,7 @@ class TFTPOffloadService(Service):
         max_sessions: int = 1000,
         lookup_timeout: float = LOOKUP_TIMEOUT,
         reactor: Any = None,
+        quiet: bool = False,
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -44,6 +45,7 @@ class TFTPOffloadService(Service):
         self.max_sessions = max_sessions
         self.lookup_timeout = lookup_timeout
         self._reactor = reactor
+        self.quiet = quiet
         self.server: Optional[TFTPServer] = None
         self.ports: List[RequestPort] = []
 
@@ -51,7 +53,8 @@ class TFTPOffloadService(Service):
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
-        self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor)
+        self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
+                                 self.quiet)
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:
             for host, port in self.listen:

@@ -9,7 +9,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .backends.directory import DirectoryBackend
-from .options import MAX_BLKSIZE, MIN_BLKSIZE, Limits
+from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .service import DEFAULT_LISTEN, TFTPOffloadService
 
 
@@ -50,12 +50,15 @@ class Options(usage.Options):
         "A TFTP read server for network boot. Files come from a directory (--root); "
         "everything is read-only. Replies leave from the address each request was sent to."
     )
+    optFlags = [
+        ["quiet", "q", "Log only transfers that fail, not every completed one."],
+    ]
     optParameters = [
         ["root", "r", None, "Serve files from this directory."],
         ["max-blksize", None, MAX_BLKSIZE, "Largest block size granted (RFC 2348); the path MTU also caps it.",
          _number(int, MIN_BLKSIZE, MAX_BLKSIZE, "--max-blksize")],
         ["max-windowsize", None, 64, "Largest window granted, in blocks (RFC 7440).",
-         _number(int, 1, 65535, "--max-windowsize")],
+         _number(int, 1, MAX_WINDOWSIZE, "--max-windowsize")],
         ["max-window-bytes", None, 1 << 20, "Largest window granted, in bytes in flight.",
          _number(int, 512, 1 << 30, "--max-window-bytes")],
         ["timeout", "t", 1.0, "Seconds before the first retransmission when the client sets no timeout "
@@ -103,4 +106,5 @@ def makeService(options: Options) -> IService:
         listen=options.listen,
         limits=limits,
         max_sessions=options["max-sessions"],
+        quiet=bool(options["quiet"]),
     )
