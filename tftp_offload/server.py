@@ -100,6 +100,7 @@ class TFTPServer:
         self._mtus: Dict[Tuple[str, str], Optional[int]] = {}
         self._bad = _LogBudget()
         self.accepting = True
+        self._drained: Optional[Deferred] = None
         self.quiet = quiet
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
 
@@ -166,12 +167,40 @@ class TFTPServer:
     def forget(self, session: "Session") -> None:
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
+        self._check_drained()
 
-    def shutdown(self) -> None:
-        """Stop taking requests and end every session (each removes its ephemeral state)."""
+    def drain(self, grace: float) -> Deferred:
+        """Take no new requests, give running transfers `grace` seconds to end, then abort the rest.
+
+        Requests still waiting for the backend are refused at once: their
+        transfers have not begun, and the ROM will retry (perhaps elsewhere).
+        Every session, however it ends, finishes its reader, which is where
+        ephemeral files are removed. Fires when no session is left.
+        """
         self.accepting = False
+        drained = self._drained = Deferred()
+        for session in list(self.sessions.values()):
+            if session.engine is None:
+                session.close("aborted", "Server shutting down")
+        if not self.sessions:  # the last close above (or none at all) has fired it
+            self._check_drained()
+            return drained
+        if grace > 0:
+            log.info("Letting {count} transfers finish (up to {grace}s)", count=len(self.sessions), grace=grace)
+        timer = self.reactor.callLater(grace, self.abort_all)
+        drained.addBoth(lambda result: timer.cancel() if timer.active() else None)
+        return drained
+
+    def abort_all(self) -> None:
         for session in list(self.sessions.values()):
             session.close("aborted", "Server shutting down")
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        """Fire the Deferred `drain()` returned once the last session is gone."""
+        if self._drained is not None and not self.sessions:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
 
 
 class ListenerProtocol(DatagramProtocol):
@@ -227,6 +256,7 @@ class Session(DatagramProtocol):
         self.started = now
         self.engine: Optional[ReadTransfer] = None
         self.reader: Any = None
+        self._backend_reader: Any = None
         self.outcome: Optional[str] = None
         self._lookup: Optional[Deferred] = None
         self._timer: Optional[IDelayedCall] = None
@@ -280,6 +310,7 @@ class Session(DatagramProtocol):
             _finish_reader(reader)
             return
         request = self.request
+        self._backend_reader = reader
         self.reader = reader = NetasciiReader(reader) if request.mode == "netascii" else reader
         try:
             size = reader.size
@@ -338,7 +369,7 @@ class Session(DatagramProtocol):
             except Exception:
                 self._read_failed(Failure())
                 return
-            if isinstance(chunk, Deferred):
+            if chunk.__class__ is not bytes and isinstance(chunk, Deferred):  # cheap test first
                 self._reading = True
                 chunk.addCallbacks(self._read_done, self._read_failed)
                 return
@@ -389,8 +420,11 @@ class Session(DatagramProtocol):
         """End from our side; `message`, if given, is sent to the client as ERROR 0."""
         if self.outcome is not None:
             return
-        if self.engine is not None and message is not None:
-            self._send([self.engine.abort(message)])
+        if message is not None:
+            if self.engine is not None:
+                self._send([self.engine.abort(message)])
+            else:
+                self.listener.reply(encode_error(ErrorCode.NOT_DEFINED, message), self.wire_client, self.local)
         lookup, self._lookup = self._lookup, None
         self._end(outcome)
         if lookup is not None:
@@ -404,26 +438,38 @@ class Session(DatagramProtocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.reader is not None:
-            _finish_reader(self.reader)
         if self._port is not None:
             self._port.stopListening()
+        report = self.report() if self.engine is not None else None
+        if self.reader is not None:
+            # A reader that wants to know how it went (the AMP backend tells its peer) says so
+            # with transfer_finished(); it is told before finish() releases it.
+            told = getattr(self._backend_reader, "transfer_finished", None)
+            if told is not None and report is not None:
+                try:
+                    told(report)
+                except Exception:
+                    log.failure("reader.transfer_finished() failed")
+            _finish_reader(self.reader)
+        if report is not None and not (outcome == Outcome.COMPLETE and self.server.quiet):
+            log.info("{outcome} {file!r} to {client}: {bytes} bytes in {duration:.3f}s", **report)
+
+    def report(self) -> Dict[str, Any]:
+        """How the transfer went: the fields of its log line and of the backend's report."""
         engine = self.engine
-        if engine is not None and not (outcome == Outcome.COMPLETE and self.server.quiet):
-            now = self.server.reactor.seconds()
-            log.info(
-                "{outcome} {file!r} to {client}: {bytes} bytes in {duration:.3f}s",
-                outcome=outcome,
-                file=self.request.filename,
-                client=self.client,
-                local=self.local,
-                bytes=engine.bytes_acked,
-                duration=now - self.started,
-                blksize=engine.blksize,
-                windowsize=engine.windowsize,
-                retransmits=engine.retransmits,
-                client_error=engine.client_error,
-            )
+        assert engine is not None
+        return {
+            "outcome": self.outcome,
+            "file": self.request.filename,
+            "client": self.client,
+            "local": self.local,
+            "bytes": engine.bytes_acked,
+            "duration": self.server.reactor.seconds() - self.started,
+            "blksize": engine.blksize,
+            "windowsize": engine.windowsize,
+            "retransmits": engine.retransmits,
+            "client_error": engine.client_error,
+        }
 
 
 def _finish_reader(reader: Any) -> None:

@@ -26,8 +26,12 @@ DEFAULT_LISTEN: Tuple[Tuple[str, int], ...] = (("::", 69),)
 """Every address, IPv4 and IPv6, on the TFTP port: one dual-stack socket."""
 
 
+DRAIN_TIMEOUT = 10.0
+"""Seconds running transfers may take to finish once the service is stopping."""
+
+
 class TFTPOffloadService(Service):
-    """Listens on `listen` (host, port) pairs and serves what `backend` decides."""
+    """Listens on `listen` (host, port) pairs, and on `inherited` sockets, and serves what `backend` decides."""
 
     def __init__(
         self,
@@ -38,6 +42,8 @@ class TFTPOffloadService(Service):
         lookup_timeout: float = LOOKUP_TIMEOUT,
         reactor: Any = None,
         quiet: bool = False,
+        drain_timeout: float = DRAIN_TIMEOUT,
+        inherited: Sequence[Tuple[int, int]] = (),
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -46,6 +52,9 @@ class TFTPOffloadService(Service):
         self.lookup_timeout = lookup_timeout
         self._reactor = reactor
         self.quiet = quiet
+        self.drain_timeout = drain_timeout
+        self.inherited = list(inherited)
+        """(fd, family) of already bound UDP sockets to serve on (socket activation)."""
         self.server: Optional[TFTPServer] = None
         self.ports: List[RequestPort] = []
 
@@ -57,6 +66,12 @@ class TFTPOffloadService(Service):
                                  self.quiet)
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:
+            for fd, family in self.inherited:
+                listener = RequestPort.adopt(fd, family, ListenerProtocol(self.server), reactor)
+                listener.startListening()
+                self.ports.append(listener)
+                address = listener.getHost()
+                log.info("Serving TFTP on inherited {address}", address=_show(address.host, address.port))
             for host, port in self.listen:
                 # An IPv6 wildcard is dual-stack unless an IPv4 address is also asked for on its port.
                 v6only = (port in v4_ports) if is_ipv6(host) else None
@@ -72,11 +87,12 @@ class TFTPOffloadService(Service):
         super().startService()
 
     def stopService(self) -> Deferred:
+        """Stop listening at once; running transfers get `drain_timeout` seconds to finish."""
         super().stopService()
-        if self.server is not None:
-            self.server.shutdown()
         stopping = [listener.stopListening() for listener in self.ports]
         self.ports = []
+        if self.server is not None:
+            stopping.append(self.server.drain(self.drain_timeout))
         return DeferredList([d for d in stopping if d is not None])
 
 

@@ -1,16 +1,21 @@
-"""twistd wiring: `twistd -n tftp-offload --root DIR --listen HOST:PORT ...`."""
+"""twistd wiring: `twistd -n tftp-offload (--root DIR | --socket PATH) [--listen HOST:PORT ...]`."""
 
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Tuple
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
+from .activation import inherited_datagram_sockets
 from .backends.directory import DirectoryBackend
+from .interfaces import IBackend
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
-from .service import DEFAULT_LISTEN, TFTPOffloadService
+from .server import LOOKUP_TIMEOUT
+from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
+
+PROTOCOLS = ("amp", "legacy")
 
 
 def parse_listen(text: str) -> Tuple[str, int]:
@@ -30,31 +35,38 @@ def parse_listen(text: str) -> Tuple[str, int]:
     return host or "::", int(port)
 
 
-def _number(kind: type, low: float, high: float, name: str):  # type: ignore[no-untyped-def]
-    def coerce(text: str):  # type: ignore[no-untyped-def]
+def _number(kind: Callable[[str], Any], low: float, high: float, name: str) -> Callable[[str], Any]:
+    def coerce(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise ValueError(f"{name} must be a number, not {text!r}") from None
         if not low <= value <= high:
-            raise ValueError(f"{name} must be from {kind(low)} to {kind(high)}, not {text}")
+            raise ValueError(f"{name} must be from {kind(str(low))} to {kind(str(high))}, not {text}")
         return value
 
-    coerce.coerceDoc = f"From {kind(low)} to {kind(high)}."  # type: ignore[attr-defined]
+    coerce.coerceDoc = f"From {kind(str(low))} to {kind(str(high))}."  # type: ignore[attr-defined]
     return coerce
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
+    synopsis = "(--root DIR | --socket PATH) [options]"
     longdesc = (
-        "A TFTP read server for network boot. Files come from a directory (--root); "
-        "everything is read-only. Replies leave from the address each request was sent to."
+        "A TFTP read server for network boot. What each request gets is decided by a backend: "
+        "a directory (--root), or another process over a UNIX socket (--socket, e.g. the MAAS "
+        "rack controller). Everything is read-only. Replies leave from the address each request "
+        "was sent to."
     )
     optFlags = [
         ["quiet", "q", "Log only transfers that fail, not every completed one."],
     ]
     optParameters = [
         ["root", "r", None, "Serve files from this directory."],
+        ["socket", "s", None, "Ask the backend listening on this UNIX socket what to serve."],
+        ["protocol", None, "amp", f"What the --socket backend speaks: {' or '.join(PROTOCOLS)} "
+         "(the MAAS 2.2-3.4 offload format)."],
+        ["backend-timeout", None, LOOKUP_TIMEOUT, "Seconds a backend may take to answer a request; "
+         "then the client gets an error.", _number(float, 0.1, 60, "--backend-timeout")],
         ["max-blksize", None, MAX_BLKSIZE, "Largest block size granted (RFC 2348); the path MTU also caps it.",
          _number(int, MIN_BLKSIZE, MAX_BLKSIZE, "--max-blksize")],
         ["max-windowsize", None, 64, "Largest window granted, in blocks (RFC 7440).",
@@ -68,28 +80,48 @@ class Options(usage.Options):
         ["rollover", None, 0, "Block number after 65535: 0 or 1.", _number(int, 0, 1, "--rollover")],
         ["max-sessions", None, 1000, "Transfers (and backend lookups) at once; further requests are "
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
+        ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
+         "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self.listen: List[Tuple[str, int]] = []
+        self.inherited: List[Tuple[int, int]] = []
 
     def opt_listen(self, value: str) -> None:
-        """HOST:PORT or [IPV6]:PORT to listen on; repeat for more (default: [::]:69, all addresses)."""
+        """HOST:PORT or [IPV6]:PORT to listen on; repeat for more (default: the sockets systemd passed
+        (socket activation), else [::]:69, all addresses)."""
         self.listen.append(parse_listen(value))
 
     opt_l = opt_listen
 
     def postOptions(self) -> None:
-        root: Optional[str] = self["root"]
-        if root is None:
-            raise usage.UsageError("--root DIR is required: the directory to serve")
-        if not os.path.isdir(root):
-            raise usage.UsageError(f"--root {root!r} is not a directory")
-        if not self.listen:
+        if (self["root"] is None) == (self["socket"] is None):
+            raise usage.UsageError("give exactly one of --root DIR (serve a directory) or --socket PATH "
+                                   "(ask a backend)")
+        if self["root"] is not None and not os.path.isdir(self["root"]):
+            raise usage.UsageError(f"--root {self['root']!r} is not a directory")
+        if self["protocol"] not in PROTOCOLS:
+            raise usage.UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {self['protocol']!r}")
+        self.inherited = inherited_datagram_sockets()
+        if not self.listen and not self.inherited:
             self.listen = list(DEFAULT_LISTEN)
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
+
+
+def make_backend(options: Options) -> IBackend:
+    """The backend the options name. One that provides `IService` is started and stopped with us."""
+    if options["root"] is not None:
+        return DirectoryBackend(options["root"])
+    if options["protocol"] == "legacy":
+        from .backends.legacy import LegacyBackend
+
+        return LegacyBackend(options["socket"], timeout=options["backend-timeout"])
+    from .backends.amp import AMPBackend
+
+    return AMPBackend(options["socket"], timeout=options["backend-timeout"])
 
 
 def makeService(options: Options) -> IService:
@@ -101,10 +133,19 @@ def makeService(options: Options) -> IService:
         give_up=options["give-up"],
         rollover=options["rollover"],
     )
-    return TFTPOffloadService(
-        DirectoryBackend(options["root"]),
+    backend = make_backend(options)
+    top = MultiService()
+    if IService.providedBy(backend):
+        backend.setServiceParent(top)  # type: ignore[attr-defined]
+    TFTPOffloadService(
+        backend,
         listen=options.listen,
         limits=limits,
         max_sessions=options["max-sessions"],
+        # The backend's own timeout answers first; this one only catches a backend that never does.
+        lookup_timeout=options["backend-timeout"] + 1,
         quiet=bool(options["quiet"]),
-    )
+        drain_timeout=options["drain-timeout"],
+        inherited=options.inherited,
+    ).setServiceParent(top)
+    return top

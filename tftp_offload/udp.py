@@ -122,6 +122,8 @@ class RequestPort(udp.Port):
 
     def reply(self, datagram: bytes, client: Address, local: str) -> None:
         """Send from `local` (the address the client's request was sent to); losses are not errors."""
+        if not self.connected:
+            return  # stopped listening: a shutdown's last words are not worth a traceback
         try:
             if not self._wildcard:
                 self.socket.sendto(datagram, client)

@@ -1,0 +1,45 @@
+"""systemd socket activation: the listening sockets a service manager hands over.
+
+With a `.socket` unit (`ListenDatagram=69`), systemd binds port 69 itself and
+starts us with the descriptors from 3 up (`LISTEN_FDS`, `LISTEN_PID`); we need
+no privilege to bind. The protocol is simple enough that reading it here beats
+depending on a library for it (and Twisted 22.4 has no named-descriptor API).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Dict, List, Mapping, Optional, Tuple
+
+SD_LISTEN_FDS_START = 3
+
+
+def inherited_datagram_sockets(environ: Optional[Mapping[str, str]] = None) -> List[Tuple[int, int]]:
+    """(fd, address family) of each UDP socket passed to this process, and clear the variables.
+
+    The variables are cleared (as sd_listen_fds(unset=1) does) so that a child
+    process does not try to adopt the same descriptors.
+    """
+    env: Dict[str, str] = dict(os.environ if environ is None else environ)
+    if environ is None:
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+    if env.get("LISTEN_PID") not in (None, str(os.getpid())):
+        return []  # meant for another process (we were started by the one they were for)
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    found = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        try:
+            probe = socket.socket(fileno=fd)  # learns family and type from the descriptor
+        except OSError:
+            continue
+        try:
+            if probe.type == socket.SOCK_DGRAM and probe.family in (socket.AF_INET, socket.AF_INET6):
+                found.append((fd, int(probe.family)))
+        finally:
+            probe.detach()  # the descriptor stays open: it is the service's to adopt
+    return found
