@@ -14,11 +14,9 @@ the backend and the reactor. The chain for one request:
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
-from twisted.internet import base
 from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -212,31 +210,7 @@ class ListenerProtocol(DatagramProtocol):
         self.server = server
 
     def requestReceived(self, data: bytes, client: Address, local: str) -> None:
-        self.server.request_received(self.transport, data, client, local)
-
-
-class _TransferPort(TransferPort):
-    """`TransferPort` without udp.Port's two log lines per open and close (one port per transfer)."""
-
-    def _bindSocket(self) -> None:
-        try:
-            skt = self.createInternetSocket()
-            skt.bind((self.interface, 0))
-        except OSError as e:
-            raise CannotListenError(self.interface, 0, e) from e
-        self._realPortNumber = skt.getsockname()[1]
-        self.connected = 1
-        self.socket = skt
-        self.fileno = skt.fileno
-
-    def connectionLost(self, reason: Optional[Failure] = None) -> None:
-        self._realPortNumber = None
-        self.maxThroughput = -1
-        base.BasePort.connectionLost(self, reason)
-        self.protocol.doStop()
-        self.socket.close()
-        del self.socket
-        del self.fileno
+        self.server.request_received(cast(RequestPort, self.transport), data, client, local)
 
 
 class Session(DatagramProtocol):
@@ -261,7 +235,7 @@ class Session(DatagramProtocol):
         self._lookup: Optional[Deferred] = None
         self._timer: Optional[IDelayedCall] = None
         self._reading = False
-        self._port: Optional[_TransferPort] = None
+        self._port: Optional[TransferPort] = None
 
     # -- phase 1: ask the backend -------------------------------------------------------------
 
@@ -291,6 +265,7 @@ class Session(DatagramProtocol):
             return
         from twisted.internet.defer import TimeoutError as DeferredTimeout
 
+        code: int
         if failure.check(DeferredTimeout):
             code, message, expected = ErrorCode.NOT_DEFINED, "Backend did not answer in time", True
         else:
@@ -317,7 +292,7 @@ class Session(DatagramProtocol):
             ipv6 = is_ipv6(self.client[0])
             negotiated = negotiate(request.options, request.mode, size, self.server.limits,
                                    self.server.path_mtu(self.local, self.client[0]), ipv6)
-            port = _TransferPort(0, self, self.local, 65536, self.server.reactor)
+            port = TransferPort(0, self, self.local, 65536, self.server.reactor)
             port.startListening()
         except Exception:
             log.failure("Could not start a transfer of {file!r} to {client}", file=request.filename,

@@ -14,8 +14,10 @@ import socket
 import struct
 from typing import Any, Optional, Tuple
 
-from twisted.internet import udp
+from twisted.internet import base, udp
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -71,7 +73,7 @@ class RequestPort(udp.Port):
         skt.setblocking(False)
         host = skt.getsockname()[0]
         self = cls(skt.getsockname()[1], proto, host, None, 65536, reactor)
-        self._preexistingSocket = skt  # type: ignore[attr-defined]
+        self._preexistingSocket = skt  # type: ignore[attr-defined,assignment]
         self._enable_pktinfo(skt)
         return self
 
@@ -145,13 +147,36 @@ class TransferPort(udp.Port):
 
     Not connected, so that a stray datagram from another (address, port)
     reaches the protocol and can be answered with ERROR 5 (RFC 1350).
-    This is the hot path, so it trims `udp.Port`: `send` skips `write`'s
+    One exists per transfer, so it opens and closes without udp.Port's log
+    lines. This is the hot path, so it trims `udp.Port`: `send` skips `write`'s
     per-call address validation (the peer's address came from the kernel),
     and `doRead` takes one datagram per readiness event instead of reading
     until EAGAIN (the reactor polls level-triggered, so nothing waits longer,
     and a lock-step transfer saves a failing system call and an exception
     per block).
     """
+
+    def _bindSocket(self) -> None:
+        # As udp.Port's, less its log line: one port per transfer would log two lines each.
+        try:
+            skt = self.createInternetSocket()
+            skt.bind((self.interface, 0))
+        except OSError as e:
+            raise CannotListenError(self.interface, 0, e) from e
+        self._realPortNumber = skt.getsockname()[1]
+        self.connected = 1
+        self.socket = skt
+        self.fileno = skt.fileno  # type: ignore[method-assign]
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        # As udp.Port's, less its log line.
+        self._realPortNumber = None
+        self.maxThroughput = -1
+        base.BasePort.connectionLost(self, reason)
+        self.protocol.doStop()
+        self.socket.close()
+        del self.socket
+        del self.fileno
 
     def doRead(self) -> None:
         try:
