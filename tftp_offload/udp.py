@@ -30,6 +30,9 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 IP_MTU = getattr(socket, "IP_MTU", 14)
 IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
 
+REQUEST_RCVBUF = 4 << 20
+"""Receive buffer asked for on listening ports (the kernel caps it at net.core.rmem_max)."""
+
 _IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 _ANCILLARY_SPACE = socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size)
@@ -79,6 +82,11 @@ class RequestPort(udp.Port):
 
     def createInternetSocket(self) -> socket.socket:
         skt = super().createInternetSocket()
+        try:
+            # A boot storm's RRQs arrive at once; a default buffer holds only a few hundred.
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, REQUEST_RCVBUF)
+        except OSError:
+            pass
         if self.addressFamily == socket.AF_INET6 and self._v6only is not None:
             skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self._v6only))
         self._enable_pktinfo(skt)
