@@ -13,10 +13,10 @@ the backend and the reactor. The chain for one request:
 
 from __future__ import annotations
 
-import time
 from typing import Any, Dict, List, Optional, Tuple, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -53,6 +53,9 @@ LOOKUP_TIMEOUT = 4.0
 UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
 
 MTU_CACHE_SIZE = 4096
+
+MAX_REMEMBERED = 100_000
+"""Completed transfers remembered for duplicate detection at most (a few MB at worst)."""
 
 
 class _LogBudget:
@@ -99,6 +102,7 @@ class TFTPServer:
         self._bad = _LogBudget()
         self.accepting = True
         self._drained: Optional[Deferred] = None
+        self._completed: Dict[Address, Tuple[bytes, float]] = {}
         self.quiet = quiet
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
 
@@ -112,7 +116,7 @@ class TFTPServer:
             packet = decode(data)
         except MalformedPacket as e:
             is_request = data[:2] in (b"\0\1", b"\0\2")
-            if self._bad.allow(time.monotonic()):
+            if self._bad.allow(self.reactor.seconds()):
                 log.info("Malformed datagram from {client}: {reason}", client=client, reason=str(e),
                          outcome="malformed")
             if is_request:  # someone meant to ask for a file: tell them why not
@@ -120,13 +124,14 @@ class TFTPServer:
                                wire_client, local)
             return
         if not isinstance(packet, Request):
-            if self._bad.allow(time.monotonic()):
+            if self._bad.allow(self.reactor.seconds()):
                 log.info("Ignored {opcode} from {client} on the request port", client=client,
                          opcode=Opcode(data[1]).name, outcome="ignored")
             return
         if packet.opcode == Opcode.WRQ:
-            log.info("Refused write request for {file!r} from {client}", client=client,
-                     file=packet.filename, outcome="refused")
+            if self._bad.allow(self.reactor.seconds()):
+                log.info("Refused write request for {file!r} from {client}", client=client,
+                         file=packet.filename, outcome="refused")
             listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
                                         "Write requests are not supported: this server is read-only"),
                            wire_client, local)
@@ -135,7 +140,13 @@ class TFTPServer:
             return
         now = self.reactor.seconds()
         existing = self.sessions.get(client)
-        if existing is not None:
+        if existing is None:
+            done = self._completed.get(client)
+            if done is not None and done[0] == data and now - done[1] < DUPLICATE_WINDOW:
+                # A small file can be sent and ACKed before the ROM's duplicate RRQ arrives.
+                log.debug("Duplicate request from {client} ignored (already served)", client=client)
+                return
+        else:
             if existing.raw == data and now - existing.started < DUPLICATE_WINDOW:
                 log.debug("Duplicate request from {client} ignored", client=client)
                 return
@@ -165,7 +176,25 @@ class TFTPServer:
     def forget(self, session: "Session") -> None:
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
+        if session.outcome == Outcome.COMPLETE:
+            self._remember_completed(session)
         self._check_drained()
+
+    def _remember_completed(self, session: "Session") -> None:
+        """Keep (request, start) of a completed transfer for DUPLICATE_WINDOW, to spot late duplicates.
+
+        Only completed ones: after a client's ERROR (the UEFI size probe) the
+        same request again is a new one and must be served.
+        """
+        completed = self._completed
+        completed.pop(session.client, None)
+        completed[session.client] = (session.raw, session.started)
+        horizon = session.started - DUPLICATE_WINDOW
+        while completed:  # oldest first (dicts keep insertion order); bounded by the expiry
+            oldest = next(iter(completed))
+            if completed[oldest][1] >= horizon and len(completed) <= MAX_REMEMBERED:
+                break
+            del completed[oldest]
 
     def drain(self, grace: float) -> Deferred:
         """Take no new requests, give running transfers `grace` seconds to end, then abort the rest.
@@ -232,7 +261,6 @@ class Session(DatagramProtocol):
         self.reader: Any = None
         self._backend_reader: Any = None
         self.outcome: Optional[str] = None
-        self._lookup: Optional[Deferred] = None
         self._timer: Optional[IDelayedCall] = None
         self._reading = False
         self._port: Optional[TransferPort] = None
@@ -253,18 +281,22 @@ class Session(DatagramProtocol):
             self._lookup_failed(Failure())
             return
         if isinstance(result, Deferred):
-            self._lookup = result
-            result.addTimeout(self.server.lookup_timeout, self.server.reactor)
+            # A timer of our own, not result.addTimeout(): cancelling a Deferred that cannot really
+            # be cancelled (deferToThread's) drops the reader it produces later, unfinished. Left
+            # to fire, a late reader reaches _got_reader, which finishes it.
+            self._timer = self.server.reactor.callLater(self.server.lookup_timeout, self._lookup_timed_out)
             result.addCallbacks(self._got_reader, self._lookup_failed)
         else:
             self._got_reader(result)
 
+    def _lookup_timed_out(self) -> None:
+        self._timer = None
+        if self.outcome is None:
+            self._lookup_failed(Failure(DeferredTimeout(self.server.lookup_timeout, "backend lookup")))
+
     def _lookup_failed(self, failure: Failure) -> None:
-        self._lookup = None
         if self.outcome is not None:
             return
-        from twisted.internet.defer import TimeoutError as DeferredTimeout
-
         code: int
         if failure.check(DeferredTimeout):
             code, message, expected = ErrorCode.NOT_DEFINED, "Backend did not answer in time", True
@@ -280,10 +312,12 @@ class Session(DatagramProtocol):
         self._end("refused")
 
     def _got_reader(self, reader: Any) -> None:
-        self._lookup = None
-        if self.outcome is not None:  # closed while the backend was thinking
+        if self.outcome is not None:  # closed (or timed out) while the backend was thinking
             _finish_reader(reader)
             return
+        if self._timer is not None:
+            self._timer.cancel()  # the lookup's
+            self._timer = None
         request = self.request
         self._backend_reader = reader
         self.reader = reader = NetasciiReader(reader) if request.mode == "netascii" else reader
@@ -400,16 +434,14 @@ class Session(DatagramProtocol):
                 self._send([self.engine.abort(message)])
             else:
                 self.listener.reply(encode_error(ErrorCode.NOT_DEFINED, message), self.wire_client, self.local)
-        lookup, self._lookup = self._lookup, None
+        # A lookup still running is left to finish: _got_reader finishes a late reader, and
+        # _lookup_failed sees the outcome and stays quiet.
         self._end(outcome)
-        if lookup is not None:
-            lookup.cancel()  # _lookup_failed sees the outcome and stays quiet
 
     def _end(self, outcome: str) -> None:
         if self.outcome is not None:
             return
         self.outcome = outcome
-        self.server.forget(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -428,6 +460,9 @@ class Session(DatagramProtocol):
             _finish_reader(self.reader)
         if report is not None and not (outcome == Outcome.COMPLETE and self.server.quiet):
             log.info("{outcome} {file!r} to {client}: {bytes} bytes in {duration:.3f}s", **report)
+        # Last: forgetting the last session fires drain()'s Deferred, by which time the reader
+        # must be finished (ephemeral files removed, the backend told).
+        self.server.forget(self)
 
     def report(self) -> Dict[str, Any]:
         """How the transfer went: the fields of its log line and of the backend's report."""

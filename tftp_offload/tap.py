@@ -30,7 +30,7 @@ def parse_listen(text: str) -> Tuple[str, int]:
             raise usage.UsageError(f"--listen {text!r}: put an IPv6 address in brackets: [{host}]:{port}")
     else:
         host, port = "", text
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # "²".isdigit() too
         raise usage.UsageError(f"--listen {text!r}: port must be a number from 0 to 65535")
     return host or "::", int(port)
 

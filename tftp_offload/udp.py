@@ -122,7 +122,12 @@ class RequestPort(udp.Port):
         for level, kind, payload in ancillary:
             if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO:
                 raw, ifindex = _IN6_PKTINFO.unpack_from(payload)
-                host = str(ipaddress.IPv6Address(raw))
+                address = ipaddress.IPv6Address(raw)
+                if address.ipv4_mapped is not None:
+                    # An IPv4 datagram on a dual-stack socket. Before Python 3.13, str() writes
+                    # ::ffff:7f00:2, which plain_host() cannot map back to 127.0.0.2.
+                    return str(address.ipv4_mapped)
+                host = str(address)
                 if host.startswith("fe80:"):
                     host = f"{host}%{ifindex}"
                 return host

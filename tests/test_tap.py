@@ -1,0 +1,267 @@
+"""twistd wiring (tap.py, activation.py): --listen parsing, option checks, the service tree
+makeService builds, and which inherited descriptors (systemd socket activation) are served.
+
+`inherited_datagram_sockets` probes descriptors from 3 upward. In this process those belong
+to pytest and the reactor, so the in-process tests only probe (probing changes nothing) and
+check that our own socket is among the answers; the exact numbering (3, 4, 5...) is checked
+in a child process that owns its descriptors. (tests/test_activation.py runs real twistd
+processes on inherited sockets.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from tftp_offload.activation import inherited_datagram_sockets
+from tftp_offload.backends.directory import DirectoryBackend
+from tftp_offload.options import Limits
+from tftp_offload.service import DEFAULT_LISTEN, TFTPOffloadService
+from tftp_offload.tap import Options, makeService, parse_listen
+
+
+@pytest.fixture(autouse=True)
+def no_socket_activation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options reads (and clears) LISTEN_* from the environment: make sure none is set here."""
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[::1]:69", ("::1", 69)),
+        ("[fe80::1%eth0]:6969", ("fe80::1%eth0", 6969)),
+        ("[::]:0", ("::", 0)),
+        ("127.0.0.1:69", ("127.0.0.1", 69)),
+        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+        (":69", ("::", 69)),
+        ("69", ("::", 69)),
+        ("localhost:1069", ("localhost", 1069)),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "::1:69",  # IPv6 without brackets
+        "fe80::1:69",
+        "[::1]",  # no port
+        "[::1]69",
+        "[::1:69",
+        "127.0.0.1:",
+        "127.0.0.1:65536",
+        "127.0.0.1:-1",
+        "127.0.0.1:tftp",
+        "127.0.0.1:6 9",
+        "127.0.0.1:²",  # str.isdigit() says yes, int() says no
+        "",
+        "port",
+    ],
+)
+def test_parse_listen_refuses(text: str) -> None:
+    with pytest.raises(usage.UsageError) as caught:
+        parse_listen(text)
+    assert "\n" not in str(caught.value)
+    assert "--listen" in str(caught.value)
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_listen_repeats_and_defaults(tmp_path: Path) -> None:
+    assert parse("--root", str(tmp_path)).listen == list(DEFAULT_LISTEN)
+    options = parse("--root", str(tmp_path), "--listen", "127.0.0.1:1069", "-l", "[::1]:1069")
+    assert options.listen == [("127.0.0.1", 1069), ("::1", 1069)]
+    assert options.inherited == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],  # neither
+        ["--root", "{root}", "--socket", "/run/x.sock"],  # both
+        ["--root", "{root}/missing"],
+        ["--socket", "/run/x.sock", "--protocol", "carrier-pigeon"],
+        ["--root", "{root}", "--listen", "::1:69"],
+        ["--root", "{root}", "--timeout", "5", "--give-up", "2"],
+    ],
+    ids=["neither", "both", "missing-root", "protocol", "listen", "give-up-below-timeout"],
+)
+def test_option_errors(tmp_path: Path, args: List[str]) -> None:
+    with pytest.raises(usage.UsageError) as caught:
+        parse(*[arg.replace("{root}", str(tmp_path)) for arg in args])
+    assert str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--timeout", "abc"),
+        ("--timeout", "0"),
+        ("--timeout", "nan"),
+        ("--give-up", "-1"),
+        ("--max-blksize", "7"),
+        ("--max-blksize", "65465"),
+        ("--max-blksize", "1e3"),
+        ("--max-windowsize", "0"),
+        ("--max-window-bytes", "1"),
+        ("--rollover", "2"),
+        ("--max-sessions", "0"),
+        ("--backend-timeout", "61"),
+        ("--drain-timeout", "-0.5"),
+    ],
+)
+def test_bad_numbers_give_one_line(tmp_path: Path, option: str, value: str) -> None:
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--root", str(tmp_path), option, value)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert option in message
+
+
+def test_make_service(tmp_path: Path) -> None:
+    options = parse("--root", str(tmp_path), "--listen", "127.0.0.1:0", "--max-blksize", "1400",
+                    "--max-windowsize", "16", "--timeout", "0.5", "--give-up", "10", "--rollover", "1",
+                    "--max-sessions", "7", "--backend-timeout", "2", "--drain-timeout", "3", "--quiet")
+    top = makeService(options)
+    assert IService.providedBy(top) and isinstance(top, MultiService)
+    [tftp] = [child for child in top if isinstance(child, TFTPOffloadService)]
+    assert isinstance(tftp.backend, DirectoryBackend)
+    assert tftp.backend.root == os.path.realpath(tmp_path)
+    assert tftp.listen == [("127.0.0.1", 0)]
+    assert tftp.limits == Limits(max_blksize=1400, max_windowsize=16, timeout=0.5, give_up=10, rollover=1)
+    assert tftp.max_sessions == 7
+    assert tftp.lookup_timeout > 2  # the backend's own timeout answers first
+    assert tftp.drain_timeout == 3
+    assert tftp.quiet is True
+    assert not tftp.running
+
+
+def test_make_service_with_defaults(tmp_path: Path) -> None:
+    [tftp] = [child for child in makeService(parse("--root", str(tmp_path)))
+              if isinstance(child, TFTPOffloadService)]
+    assert tftp.listen == list(DEFAULT_LISTEN)
+    assert tftp.limits == Limits(max_windowsize=64)
+    assert tftp.quiet is False
+
+
+# ---------------------------------------------------------- socket activation --
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def udp_socket() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    yield sock
+    sock.close()
+
+
+def test_inherited_meant_for_another_process(udp_socket: socket.socket) -> None:
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": str(udp_socket.fileno())}
+    assert inherited_datagram_sockets(env) == []
+
+
+@pytest.mark.parametrize("fds", ["", "two", "-1", "0"])
+def test_inherited_no_or_bad_count(fds: str) -> None:
+    assert inherited_datagram_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": fds}) == []
+
+
+def test_inherited_nothing_passed() -> None:
+    assert inherited_datagram_sockets({}) == []
+
+
+def test_inherited_finds_a_udp_socket_and_leaves_it_open(udp_socket: socket.socket) -> None:
+    fd = udp_socket.fileno()
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(max(fd, tcp.fileno()) - 2)}
+        found = inherited_datagram_sockets(env)
+        assert (fd, socket.AF_INET) in found
+        assert tcp.fileno() not in [f for f, _ in found]
+        for other, family in found:  # whatever else this process holds: only UDP sockets
+            probe = socket.socket(fileno=other)
+            try:
+                assert probe.type == socket.SOCK_DGRAM and probe.family == family
+            finally:
+                probe.detach()
+        # Probing detached: the sockets are still open and usable.
+        assert udp_socket.getsockname()[0] == "127.0.0.1"
+        os.fstat(tcp.fileno())
+    finally:
+        tcp.close()
+
+
+def test_inherited_clears_the_environment_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_FDNAMES", "tftp")
+    assert inherited_datagram_sockets() == []
+    assert not {"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"} & set(os.environ)
+
+
+CHILD = r"""
+import fcntl, json, os, sys
+from tftp_offload.activation import inherited_datagram_sockets
+from tftp_offload.tap import Options
+
+# What systemd does: the passed sockets become descriptors 3, 4, 5 (blocking, as they come).
+sources = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 100) for fd in sys.argv[2:]]
+for number, source in enumerate(sources, 3):
+    os.dup2(source, number, inheritable=False)
+    os.close(source)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(sources)), LISTEN_FDNAMES="a:b:c")
+if sys.argv[1] == "function":
+    print(json.dumps(inherited_datagram_sockets()))
+else:
+    options = Options()
+    options.parseOptions(["--root", "/"])
+    print(json.dumps({"inherited": options.inherited, "listen": options.listen}))
+print(json.dumps(sorted(k for k in os.environ if k.startswith("LISTEN_"))))
+"""
+
+
+def run_child(mode: str) -> list:
+    """Run CHILD with a UDP v4, a TCP and a UDP v6 socket as descriptors 3, 4 and 5."""
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with v4, tcp, v6:
+        v4.bind(("127.0.0.1", 0))
+        v6.bind(("::1", 0))
+        fds = [v4.fileno(), tcp.fileno(), v6.fileno()]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        done = subprocess.run([sys.executable, "-c", CHILD, mode, *map(str, fds)], pass_fds=fds, env=env,
+                              capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_inherited_systemd_numbering_in_a_child_process() -> None:
+    found, left = run_child("function")
+    assert found == [[3, socket.AF_INET], [5, socket.AF_INET6]]
+    assert left == []
+
+
+def test_options_take_inherited_sockets_instead_of_the_default_listen() -> None:
+    options, left = run_child("options")
+    assert options == {"inherited": [[3, socket.AF_INET], [5, socket.AF_INET6]], "listen": []}
+    assert left == []
