@@ -12,6 +12,10 @@ import os
 import socket
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from twisted.logger import Logger
+
+log = Logger(namespace="tftp_offload")
+
 SD_LISTEN_FDS_START = 3
 
 
@@ -40,6 +44,9 @@ def inherited_datagram_sockets(environ: Optional[Mapping[str, str]] = None) -> L
         try:
             if probe.type == socket.SOCK_DGRAM and probe.family in (socket.AF_INET, socket.AF_INET6):
                 found.append((fd, int(probe.family)))
+            else:
+                log.warn("Ignored inherited descriptor {fd}: not a UDP socket (check the .socket unit: "
+                         "ListenDatagram=)", fd=fd)
         finally:
             probe.detach()  # the descriptor stays open: it is the service's to adopt
     return found

@@ -9,6 +9,7 @@ IP_PKTINFO / IPV6_RECVPKTINFO on every datagram, and can send a reply from it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -82,11 +83,9 @@ class RequestPort(udp.Port):
 
     def createInternetSocket(self) -> socket.socket:
         skt = super().createInternetSocket()
-        try:
+        with contextlib.suppress(OSError):
             # A boot storm's RRQs arrive at once; a default buffer holds only a few hundred.
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, REQUEST_RCVBUF)
-        except OSError:
-            pass
         if self.addressFamily == socket.AF_INET6 and self._v6only is not None:
             skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self._v6only))
         self._enable_pktinfo(skt)
