@@ -137,22 +137,35 @@ async def test_duplicate_request_is_one_transfer(serve: Serving, slow_backend: b
 
 
 @pytest_twisted.ensureDeferred
-async def test_duplicate_after_a_completed_small_transfer_is_ignored(serve: Serving) -> None:
-    """A one-block file is sent and ACKed before the ROM's duplicate RRQ lands: no second transfer."""
+async def test_duplicate_read_after_its_transfer_completed_is_ignored(serve: Serving) -> None:
+    """A one-block file can be sent and ACKed before the reactor reads the ROM's duplicate RRQ.
+
+    The duplicate arrived (kernel time) while the transfer ran: no second transfer. The same
+    request arriving after the end is a client reusing its port for a new request: served.
+    """
     backend = Backend({b"small": b"x" * 100})
     service = serve(backend)
+    listener = service.ports[0]
     server = ("127.0.0.1", port_of(service))
     peer = serve.peer()
     request = wire.rrq(b"small", b"octet")
     peer.send(request, server)
+    sent = time.time()
     reply, tid = await peer.recv()
     assert opcode(reply) == wire.DATA and block_of(reply) == 1
     peer.send(wire.ack(1), tid)
     await until(lambda: not service.server.sessions, what="the transfer to complete")  # type: ignore[union-attr]
-    peer.send(request, server)  # the ROM's retransmission, a few ms late
+
+    # What the listener would report for a duplicate that arrived before the final ACK:
+    service.server.request_received(listener, request, peer.address, "127.0.0.1", sent)  # type: ignore[union-attr]
     await peer.silence()
     assert len(backend.lookups) == 1
-    assert [block_of(d) for d, _ in peer.received if opcode(d) == wire.DATA] == [1]  # the first only
+    assert [block_of(d) for d, _ in peer.received if opcode(d) == wire.DATA] == [1]
+
+    # The same request sent now, after the end, is a new one.
+    got = await download(peer, server, b"small")
+    assert got.complete and got.data == b"x" * 100
+    assert len(backend.lookups) == 2
 
 
 @pytest_twisted.ensureDeferred

@@ -13,6 +13,7 @@ the backend and the reactor. The chain for one request:
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional, Tuple, cast
 
 from twisted.internet.defer import Deferred
@@ -54,8 +55,10 @@ UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
 
 MTU_CACHE_SIZE = 4096
 
+REMEMBER_COMPLETED = 5.0
+"""Seconds a completed transfer's request is kept to recognise a duplicate read after it ended."""
 MAX_REMEMBERED = 100_000
-"""Completed transfers remembered for duplicate detection at most (a few MB at worst)."""
+"""Completed transfers remembered at most (a few MB at worst)."""
 
 
 class _LogBudget:
@@ -108,8 +111,14 @@ class TFTPServer:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def request_received(self, listener: RequestPort, data: bytes, wire_client: Address, local: str) -> None:
-        """A datagram on a listening port. `wire_client` is the address as the socket saw it."""
+    def request_received(self, listener: RequestPort, data: bytes, wire_client: Address, local: str,
+                         arrived: float) -> None:
+        """A datagram on a listening port.
+
+        `wire_client` is the address as the socket saw it; `arrived` the kernel's
+        receive time (time.time() scale), which tells a duplicate that arrived
+        while its transfer still ran from a new request made after it ended.
+        """
         client = (plain_host(wire_client[0]), wire_client[1])
         local = plain_host(local)
         try:
@@ -142,8 +151,9 @@ class TFTPServer:
         existing = self.sessions.get(client)
         if existing is None:
             done = self._completed.get(client)
-            if done is not None and done[0] == data and now - done[1] < DUPLICATE_WINDOW:
-                # A small file can be sent and ACKed before the ROM's duplicate RRQ arrives.
+            if done is not None and done[0] == data and arrived < done[1]:
+                # It arrived while its transfer ran (the reactor just handled the final ACK first):
+                # a small file is often sent and ACKed before the ROM's duplicate RRQ is read.
                 log.debug("Duplicate request from {client} ignored (already served)", client=client)
                 return
         else:
@@ -181,16 +191,20 @@ class TFTPServer:
         self._check_drained()
 
     def _remember_completed(self, session: "Session") -> None:
-        """Keep (request, start) of a completed transfer for DUPLICATE_WINDOW, to spot late duplicates.
+        """Keep (request, end time) of a completed transfer a moment, to spot duplicates read late.
 
         Only completed ones: after a client's ERROR (the UEFI size probe) the
-        same request again is a new one and must be served.
+        same request again is a new one and must be served. A request that
+        arrived after the end is new too (a client reusing its port), which the
+        arrival time tells apart; the memory only needs to outlast the reactor's
+        backlog.
         """
         completed = self._completed
+        ended = time.time()
         completed.pop(session.client, None)
-        completed[session.client] = (session.raw, session.started)
-        horizon = session.started - DUPLICATE_WINDOW
-        while completed:  # oldest first (dicts keep insertion order); bounded by the expiry
+        completed[session.client] = (session.raw, ended)
+        horizon = ended - REMEMBER_COMPLETED
+        while completed:  # oldest first (dicts keep insertion order)
             oldest = next(iter(completed))
             if completed[oldest][1] >= horizon and len(completed) <= MAX_REMEMBERED:
                 break
@@ -238,8 +252,8 @@ class ListenerProtocol(DatagramProtocol):
     def __init__(self, server: TFTPServer) -> None:
         self.server = server
 
-    def requestReceived(self, data: bytes, client: Address, local: str) -> None:
-        self.server.request_received(cast(RequestPort, self.transport), data, client, local)
+    def requestReceived(self, data: bytes, client: Address, local: str, arrived: float) -> None:
+        self.server.request_received(cast(RequestPort, self.transport), data, client, local, arrived)
 
 
 class Session(DatagramProtocol):

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import socket
 import struct
+import time
 from typing import Any, Optional, Tuple
 
 from twisted.internet import base, udp
@@ -36,7 +37,11 @@ REQUEST_RCVBUF = 4 << 20
 
 _IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
-_ANCILLARY_SPACE = socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size)
+_TIMESPEC = struct.Struct("@ll")
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_ANCILLARY_SPACE = (
+    socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size) + socket.CMSG_SPACE(_TIMESPEC.size)
+)
 
 _READ_IGNORE = frozenset(udp._sockErrReadIgnore)  # type: ignore[attr-defined]  # EAGAIN, EINTR...
 _READ_REFUSE = frozenset(udp._sockErrReadRefuse)  # type: ignore[attr-defined]  # ECONNREFUSED...
@@ -58,10 +63,12 @@ def _is_wildcard(host: str) -> bool:
 
 
 class RequestPort(udp.Port):
-    """A listening UDP port that hands its protocol `(datagram, client, local address)`.
+    """A listening UDP port that hands its protocol `(datagram, client, local address, arrival)`.
 
-    The protocol must have `requestReceived(data, client, local_host)`; replies
-    sent with `reply()` leave from that local address.
+    The protocol must have `requestReceived(data, client, local_host, arrived)`,
+    `arrived` being the kernel's receive time (`time.time()` scale): it orders a
+    request against events on other sockets, which the reactor may handle in
+    another order. Replies sent with `reply()` leave from the local address.
     """
 
     def __init__(self, port: int, proto: Any, interface: str = "", v6only: Optional[bool] = None,
@@ -78,7 +85,7 @@ class RequestPort(udp.Port):
         host = skt.getsockname()[0]
         self = cls(skt.getsockname()[1], proto, host, None, 65536, reactor)
         self._preexistingSocket = skt  # type: ignore[attr-defined,assignment]
-        self._enable_pktinfo(skt)
+        self._enable_ancillary(skt)
         return self
 
     def createInternetSocket(self) -> socket.socket:
@@ -88,10 +95,12 @@ class RequestPort(udp.Port):
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, REQUEST_RCVBUF)
         if self.addressFamily == socket.AF_INET6 and self._v6only is not None:
             skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self._v6only))
-        self._enable_pktinfo(skt)
+        self._enable_ancillary(skt)
         return skt
 
-    def _enable_pktinfo(self, skt: socket.socket) -> None:
+    def _enable_ancillary(self, skt: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            skt.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         if skt.family == socket.AF_INET6:
             skt.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
         else:
@@ -109,15 +118,18 @@ class RequestPort(udp.Port):
                     return
                 raise
             read += len(data)
-            local = self._local_address(ancillary)
+            local, arrived = self._ancillary(ancillary)
             if family == socket.AF_INET6:
                 addr = addr[:2]
             try:
-                self.protocol.requestReceived(data, addr, local)
+                self.protocol.requestReceived(data, addr, local, arrived)
             except Exception:
                 log.failure("Unhandled error handling a datagram from {client}", client=addr)
 
-    def _local_address(self, ancillary: list) -> str:
+    def _ancillary(self, ancillary: list) -> Tuple[str, float]:
+        """The local address a datagram was sent to, and when it arrived."""
+        local = None
+        arrived = 0.0
         for level, kind, payload in ancillary:
             if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO:
                 raw, ifindex = _IN6_PKTINFO.unpack_from(payload)
@@ -125,14 +137,17 @@ class RequestPort(udp.Port):
                 if address.ipv4_mapped is not None:
                     # An IPv4 datagram on a dual-stack socket. Before Python 3.13, str() writes
                     # ::ffff:7f00:2, which plain_host() cannot map back to 127.0.0.2.
-                    return str(address.ipv4_mapped)
-                host = str(address)
-                if host.startswith("fe80:"):
-                    host = f"{host}%{ifindex}"
-                return host
-            if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
-                return socket.inet_ntoa(_IN_PKTINFO.unpack_from(payload)[2])
-        return self.getHost().host
+                    local = str(address.ipv4_mapped)
+                else:
+                    local = str(address)
+                    if local.startswith("fe80:"):
+                        local = f"{local}%{ifindex}"
+            elif level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                local = socket.inet_ntoa(_IN_PKTINFO.unpack_from(payload)[2])
+            elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+                arrived = seconds + nanoseconds * 1e-9
+        return local or self.getHost().host, arrived or time.time()
 
     def reply(self, datagram: bytes, client: Address, local: str) -> None:
         """Send from `local` (the address the client's request was sent to); losses are not errors."""
