@@ -6,6 +6,8 @@ not a block, so a file reader costs one `read` system call per window.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 from typing import Optional, Union
@@ -13,7 +15,34 @@ from typing import Optional, Union
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from .errors import AccessViolation, FileNotFound
 from .interfaces import IReader
+
+
+def open_regular(path: Union[str, bytes], follow_symlinks: bool = False) -> int:
+    """Open `path` read-only and return its descriptor, or raise the backend error a client should see.
+
+    Shared by every place that opens a file to serve (the directory backend, the AMP
+    backend's path and ephemeral answers), so they refuse alike. O_NONBLOCK: a FIFO where a
+    file was expected must not hang the reactor; `follow_symlinks=False` adds O_NOFOLLOW for
+    callers that checked the canonical path and must not be raced by a link swapped in since.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        # ENOTDIR: a file used as a directory; ENAMETOOLONG: a name no file here can have.
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+            raise FileNotFound("File not found") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
+            raise AccessViolation("Access violation: permission denied") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise AccessViolation(f"Access violation: {kind}")
+    return fd
 
 
 @implementer(IReader)
@@ -46,6 +75,12 @@ class FileReader:
             data += more
         return data
 
+    def fileno(self) -> int:
+        """The descriptor, still owned by this reader: the AMP responder passes a copy of it on."""
+        if self._fd is None:
+            raise ValueError("fileno of a finished reader")
+        return self._fd
+
     def _pread(self, fd: int, size: int) -> bytes:
         data = os.pread(fd, size, self._offset)
         self._offset += len(data)
@@ -59,6 +94,33 @@ class FileReader:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+class PathReader(FileReader):
+    """A file a backend names by path, optionally to be deleted once served (an *ephemeral* file).
+
+    In process it is served like any `FileReader`. Over the offload protocol the
+    responder answers it as a `path` (or `ephemeral`) answer instead, so the TFTP
+    server opens the file itself and takes over deleting it; `release()` lets go of
+    the file without deleting it for that hand-over.
+    """
+
+    def __init__(self, path: Union[str, bytes], ephemeral: bool = False) -> None:
+        super().__init__(open_regular(path, follow_symlinks=True))
+        self.path = os.fsencode(path)
+        self.ephemeral = ephemeral
+
+    def finish(self) -> None:
+        super().finish()
+        if self.ephemeral:
+            self.ephemeral = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def release(self) -> None:
+        """Close without deleting: someone else now owns the file."""
+        self.ephemeral = False
+        super().finish()
 
 
 @implementer(IReader)

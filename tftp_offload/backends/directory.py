@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..errors import AccessViolation, FileNotFound, Unsupported
 from ..interfaces import IBackend
-from ..readers import FileReader
+from ..readers import FileReader, open_regular
 
 log = Logger()
 
@@ -48,22 +46,8 @@ class DirectoryBackend:
 
     def get_reader(self, file_name: bytes) -> FileReader:
         path = self.resolve(file_name)
-        try:
-            # O_NOFOLLOW: the canonical path has no link left unless one was swapped in since;
-            # O_NONBLOCK: a FIFO planted in the root must not hang the reactor.
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError as e:
-            # ENOTDIR: a file used as a directory; ENAMETOOLONG: a name no file here can have.
-            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-                raise FileNotFound("File not found") from None
-            if e.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
-                raise AccessViolation("Access violation: permission denied") from None
-            raise
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            os.close(fd)
-            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise AccessViolation(f"Access violation: {kind}")
+        # The canonical path has no link left unless one was swapped in since: do not follow one.
+        fd = open_regular(path, follow_symlinks=False)
         return FileReader(fd)
 
     def get_writer(self, file_name: bytes) -> None:
