@@ -1,0 +1,564 @@
+"""The legacy MAAS offload wire format (backends/legacy.py) against a clean-room responder.
+
+`legacy_responder` plays rackd from the format's description. Most tests run
+the server, the backend and the responder in this process over real sockets
+(UDP on loopback, a UNIX socket in a private folder); the last ones run a real
+`twistd -n tftp-offload --socket PATH --protocol legacy` and the responder as
+processes, and fetch with curl.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import legacy_responder
+import pytest
+import pytest_twisted
+import tftp_client as wire
+from harness import REPO, TwistdServer, free_udp_port, twistd_command, wait_until_serving
+from inprocess import (
+    Serving,
+    download,
+    events_with,
+    get_reactor,
+    log_events,  # noqa: F401  (fixture)
+    serve,  # noqa: F401  (fixture)
+    until,
+)
+from legacy_responder import MALFORMED, Responder, render
+from twisted.internet.defer import CancelledError
+from twisted.logger import formatEvent
+from twisted.python import context
+
+from tftp_offload.backends.legacy import (
+    INVALID,
+    MAX_REPLY,
+    NO_ANSWER,
+    UNREACHABLE,
+    ErrorAnswer,
+    FileAnswer,
+    LegacyBackend,
+    MalformedReply,
+    encode_request,
+    error_for_answer,
+    parse_reply,
+    wire_host,
+)
+from tftp_offload.errors import AccessViolation, BackendError, error_for
+
+HELLO = b"Hello from the legacy responder\n"
+BIG = os.urandom(300_000)
+"""Several windows' worth: long enough for a client to abort midway."""
+
+Events = List[Dict[str, Any]]
+
+
+# ---------------------------------------------------------------- the format --
+
+
+@pytest.mark.parametrize(
+    ("host", "wire_form"),
+    [
+        ("10.0.0.1", b"10.0.0.1"),
+        ("::ffff:10.0.0.1", b"10.0.0.1"),
+        ("::ffff:a00:1", b"10.0.0.1"),  # what str(IPv6Address) gives for a mapped address before 3.13
+        ("2001:db8::1", b"2001:db8::1"),
+        ("fe80::1%2", b"fe80::1"),
+    ],
+)
+def test_addresses_are_sent_plain(host: str, wire_form: bytes) -> None:
+    assert wire_host(host) == wire_form
+
+
+@pytest.mark.parametrize("host", ["", "localhost", "10.0.0.1\0x", "10.0.0.256"])
+def test_what_is_not_an_address_is_not_sent(host: str) -> None:
+    with pytest.raises(BackendError):
+        wire_host(host)
+
+
+def test_request_layout() -> None:
+    assert encode_request("::ffff:192.0.2.1", "192.0.2.99", b"pxelinux.cfg/default") == (
+        b"192.0.2.1\x00192.0.2.99\0pxelinux.cfg/default\0$"
+    )
+    assert encode_request("2001:db8::1", "2001:db8::2", b"") == b"2001:db8::1\x002001:db8::2\0\0$"
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [(b"a\0b", "NUL in filename"), ("caf\u00e9".encode(), "not ASCII"), (b"\xff", "not ASCII")],
+)
+def test_filenames_that_cannot_be_sent_are_refused(name: bytes, why: str) -> None:
+    with pytest.raises(AccessViolation, match=why):
+        encode_request("10.0.0.1", "10.0.0.2", name)
+
+
+@pytest.mark.parametrize(
+    ("reply", "answer"),
+    [
+        (b"-\0-\0/srv/boot/pxelinux.0\0$", FileAnswer(b"/srv/boot/pxelinux.0", False)),
+        (b"-\0EPH\0/tmp/maas-x/tmpab12\0$", FileAnswer(b"/tmp/maas-x/tmpab12", True)),
+        (b"-\0-\0/a$b\0$", FileAnswer(b"/a$b", False)),
+        (b"-\0-\0/\xe9t\xe9\0$", FileAnswer(b"/\xe9t\xe9", False)),  # the filesystem encoding, not UTF-8
+        (b"0\0File not found: b'x'\0$", ErrorAnswer(0, "File not found: b'x'")),
+        (b"0\0Insecure path\0$", ErrorAnswer(0, "Insecure path")),
+        (b"2\0\0$", ErrorAnswer(2, "")),
+        ("0\0caf\u00e9\0$".encode(), ErrorAnswer(0, "caf\u00e9")),
+    ],
+)
+def test_replies_parsed(reply: bytes, answer: Any) -> None:
+    assert parse_reply(reply) == answer
+
+
+@pytest.mark.parametrize("kind", sorted(set(MALFORMED) - {"oversized"}))
+def test_malformed_replies_rejected(kind: str) -> None:
+    with pytest.raises(MalformedReply):
+        parse_reply(MALFORMED[kind])
+
+
+@pytest.mark.parametrize("reply", [b"99999\0x\0$", b"\xd9\xa3\0x\0$", b"+1\0x\0$", b" 0\0x\0$", b"\0x\0$"])
+def test_error_code_must_be_a_plain_number(reply: bytes) -> None:
+    with pytest.raises(MalformedReply):
+        parse_reply(reply)
+
+
+@pytest.mark.parametrize(
+    ("answer", "tftp"),
+    [
+        (ErrorAnswer(0, "File not found: /var/lib/maas/boot-resources/x"), (1, "File not found")),
+        (ErrorAnswer(1, "whatever"), (1, "File not found")),
+        (ErrorAnswer(0, "Insecure path"), (0, "Insecure path")),
+        (ErrorAnswer(0, ""), (0, "Backend error")),
+        (ErrorAnswer(2, "Not yours"), (2, "Not yours")),
+        (ErrorAnswer(4, "No"), (4, "No")),
+        (ErrorAnswer(3, "Disk full"), (0, "Disk full")),
+    ],
+)
+def test_error_replies_mapped(answer: ErrorAnswer, tftp: Tuple[int, str]) -> None:
+    code, message, expected = error_for(error_for_answer(answer))
+    assert (code, message, expected) == (*tftp, True)
+
+
+# ------------------------------------------------- in-process, over real sockets --
+
+
+@dataclass
+class Rackd:
+    """A responder on a UNIX socket, standing in for rackd."""
+
+    state: Responder
+    socket_path: str
+    root: Path
+    eph_dir: Path
+    port: Any = None
+
+    def start(self) -> None:
+        self.state, self.port = legacy_responder.listen(get_reactor(), self.socket_path, self.root, self.eph_dir)
+
+    def backend(self, timeout: float = 2.0) -> LegacyBackend:
+        return LegacyBackend(self.socket_path, timeout=timeout)
+
+    def eph_files(self) -> List[str]:
+        return os.listdir(self.eph_dir)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path: a UNIX socket's path must fit in 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tftp-legacy-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def files(short_dir: Path) -> Tuple[Path, Path]:
+    """(root, eph_dir): the responder's static files, and the folder it writes ephemeral ones to."""
+    root, eph_dir, store = short_dir / "root", short_dir / "eph", short_dir / "store"
+    for folder in (root, eph_dir, store):
+        folder.mkdir()
+    eph_dir.chmod(0o700)
+    (root / "hello.txt").write_bytes(HELLO)
+    (root / "big.bin").write_bytes(BIG)
+    # MAAS's boot resources are symlinks into a cache: a static answer's path may be one.
+    (store / "kernel").write_bytes(BIG[:5000])
+    (root / "linked").symlink_to(store / "kernel")
+    (root / "folder").mkdir()
+    return root, eph_dir
+
+
+@pytest.fixture
+def rackd(short_dir: Path, files: Tuple[Path, Path]) -> Iterator[Rackd]:
+    root, eph_dir = files
+    responder = Rackd(Responder(root, eph_dir), str(short_dir / "rackd.sock"), root, eph_dir)
+    responder.start()
+    yield responder
+    if responder.port is not None:
+        pytest_twisted.blockon(responder.port.stopListening())
+
+
+def lookups_running() -> List[Any]:
+    """The legacy backend's own timers still pending: an exchange with rackd not yet over."""
+    return [call for call in get_reactor().getDelayedCalls()
+            if type(getattr(call.func, "__self__", None)).__module__ == "tftp_offload.backends.legacy"]
+
+
+async def fetch(serve: Serving, service: Any, name: bytes, options: Any = None, host: str = "127.0.0.1") -> Any:
+    peer = serve.peer(host)
+    return await download(peer, (host, int(service.ports[0].getHost().port)), name, options)
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_file(serve: Serving, rackd: Rackd, log_events: Events) -> None:
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, b"big.bin", {"blksize": "1468", "tsize": "0", "windowsize": "8"})
+    assert got.complete and got.data == BIG
+    assert got.oack == {"blksize": "1468", "tsize": str(len(BIG)), "windowsize": "8"}
+    [seen] = rackd.state.requests
+    # The whole request in one read (rackd parses at the third NUL), addresses plain, no ports.
+    assert seen.raw == b"127.0.0.1\x00127.0.0.1\x00big.bin\x00$"
+    assert seen.reads == 1
+    assert rackd.state.rejected == []
+    # One connection per request must not mean log lines per request (Twisted's factories log two).
+    assert not [formatEvent(e) for e in log_events if "factory" in formatEvent(e).lower()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_static_file_through_a_symlink(serve: Serving, rackd: Rackd) -> None:
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, b"linked")
+    assert got.complete and got.data == BIG[:5000]
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+@pytest_twisted.ensureDeferred
+async def test_ipv6_addresses(serve: Serving, rackd: Rackd) -> None:
+    try:
+        service = serve(rackd.backend(), listen=[("::1", 0)])
+    except Exception as e:
+        pytest.skip(f"no IPv6 loopback: {e}")
+    got = await fetch(serve, service, b"hello.txt", host="::1")
+    assert got.complete and got.data == HELLO
+    assert rackd.state.requests[0].raw == b"::1\0::1\0hello.txt\0$"
+
+
+@pytest_twisted.ensureDeferred
+async def test_mapped_local_address_is_sent_as_ipv4(rackd: Rackd) -> None:
+    """Whatever form the context carries (a dual-stack socket's view), rackd gets plain IPv4."""
+    backend = rackd.backend()
+    ctx = {"local": ("::ffff:c000:201", 69), "remote": ("::ffff:192.0.2.99", 2000), "mode": "octet", "options": {}}
+    reader = await context.call(ctx, backend.get_reader, b"hello.txt")
+    try:
+        assert reader.read(100) == HELLO
+    finally:
+        reader.finish()
+    assert rackd.state.requests[0].raw == b"192.0.2.1\x00192.0.2.99\0hello.txt\0$"
+
+
+def test_called_outside_a_request(rackd: Rackd) -> None:
+    with pytest.raises(BackendError, match="outside a TFTP request"):
+        rackd.backend().get_reader(b"hello.txt")
+
+
+@pytest_twisted.ensureDeferred
+async def test_ephemeral_file_is_served_and_deleted(serve: Serving, rackd: Rackd) -> None:
+    service = serve(rackd.backend())
+    name = "eph/3000/pxelinux.cfg/01-52-54-00-12-34-56"
+    got = await fetch(serve, service, name.encode(), {"tsize": "0"})
+    assert got.complete
+    assert got.data == render("127.0.0.1", "127.0.0.1", name, 3000)
+    assert got.oack == {"tsize": "3000"}
+    assert rackd.eph_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_ephemeral_file_is_gone_before_the_transfer_ends(serve: Serving, rackd: Rackd) -> None:
+    """Open, then unlink at once: after the client aborts midway (or if we died) nothing is left."""
+    service = serve(rackd.backend())
+    peer = serve.peer()
+    server = ("127.0.0.1", int(service.ports[0].getHost().port))
+    peer.send(wire.rrq(b"eph/200000/boot.ipxe"), server)
+    datagram, tid = await peer.recv()
+    assert wire.opcode_of(datagram) == wire.DATA and datagram[2:4] == b"\0\1"
+    assert rackd.eph_files() == []  # already unlinked: the open descriptor is serving it
+    peer.send(wire.error(0, b"user aborted"), tid)
+    await serve.settled(service)
+    assert rackd.eph_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_ephemeral_file_deleted_when_the_server_gave_up_first(serve: Serving, rackd: Rackd) -> None:
+    """The answer comes after the server's own lookup timeout: its EPH file is still deleted."""
+    service = serve(rackd.backend(timeout=3.0), lookup_timeout=0.3)
+    got = await fetch(serve, service, b"slow/0.8/eph/100/late.cfg")
+    assert got.error == (0, "Backend did not answer in time")
+    assert len(rackd.eph_files()) == 1  # rackd wrote it; its answer is still on its way
+    await until(lambda: not lookups_running(), 3.0, "the late answer")
+    assert rackd.eph_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_ephemeral_file_deleted_when_the_caller_cancels(rackd: Rackd) -> None:
+    """A caller that cancels the lookup (e.g. with addTimeout) leaves no EPH file behind either."""
+    backend = rackd.backend(timeout=3.0)
+    ctx = {"local": ("127.0.0.1", 69), "remote": ("127.0.0.1", 2000)}
+    lookup = context.call(ctx, backend.get_reader, b"slow/0.3/eph/100/cancelled.cfg")
+    lookup.addErrback(lambda failure: failure.trap(CancelledError))
+    lookup.cancel()
+    await until(lambda: not lookups_running(), 3.0, "the answer after the cancel")
+    assert rackd.state.requests and rackd.eph_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_not_found(serve: Serving, rackd: Rackd, log_events: Events) -> None:
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, b"pxelinux.cfg/01-aa-bb-cc-dd-ee-ff")
+    assert got.error == (1, "File not found")
+    assert events_with(log_events, outcome="refused", code=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "tftp"),
+    [
+        (b"error/0/Insecure path", (0, "Insecure path")),
+        (b"error/0/File not found: /var/lib/maas/boot-resources/current/x", (1, "File not found")),
+        (b"error/2/Not for you", (2, "Not for you")),
+        (b"error/0/", (0, "Backend error")),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_error_replies(serve: Serving, rackd: Rackd, log_events: Events, name: bytes,
+                             tftp: Tuple[int, str]) -> None:
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, name)
+    assert got.error == tftp
+    assert events_with(log_events, outcome="refused", code=tftp[0])
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+@pytest_twisted.ensureDeferred
+async def test_malformed_reply_is_error_0_and_a_log_line(serve: Serving, rackd: Rackd, log_events: Events,
+                                                         kind: str) -> None:
+    """Empty (rackd closed without answering), truncated, trailing bytes, wrong fields, too long..."""
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, f"malformed/{kind}".encode())
+    assert got.error == (0, INVALID)
+    [warning] = events_with(log_events, outcome="backend-error")
+    assert warning["log_level"].name == "warn"
+    assert warning["file"] == f"malformed/{kind}".encode()
+    if kind == "oversized":
+        assert "exceeds" in warning["log_format"]
+    else:
+        assert warning["reason"] and warning["reply"]
+    # The server goes on answering.
+    again = await fetch(serve, service, b"hello.txt")
+    assert again.complete and again.data == HELLO
+
+
+@pytest_twisted.ensureDeferred
+async def test_reply_in_pieces_is_read_to_the_end(serve: Serving, rackd: Rackd) -> None:
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, b"split/hello.txt")
+    assert got.complete and got.data == HELLO
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_directory_is_not_served(serve: Serving, rackd: Rackd, log_events: Events) -> None:
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, b"folder")
+    assert got.error == (2, "Access violation: a directory")
+    assert events_with(log_events, outcome="backend-error")
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_responder_times_out_without_blocking_others(serve: Serving, rackd: Rackd,
+                                                                  log_events: Events) -> None:
+    service = serve(rackd.backend(timeout=1.5))
+    port = int(service.ports[0].getHost().port)
+    stuck = serve.peer()
+    started = time.monotonic()
+    stuck.send(wire.rrq(b"hang/forever"), ("127.0.0.1", port))
+    # Meanwhile other requests are answered at once.
+    for _ in range(3):
+        got = await fetch(serve, service, b"hello.txt")
+        assert got.complete and got.data == HELLO
+    assert stuck.received == [], "the stuck request was answered before the others were served"
+    reply, _ = await stuck.recv()
+    waited = time.monotonic() - started
+    assert wire.parse_error(reply) == (0, NO_ANSWER)
+    assert 1.4 < waited < 3.5, waited
+    assert events_with(log_events, outcome="backend-timeout")
+    assert not lookups_running()
+
+
+@pytest_twisted.ensureDeferred
+async def test_responder_absent_then_started(serve: Serving, rackd: Rackd, log_events: Events) -> None:
+    """No socket: ERROR 0 at once, every time; once rackd listens, the next request is served."""
+    await rackd.port.stopListening()
+    rackd.port = None
+    if os.path.exists(rackd.socket_path):
+        os.unlink(rackd.socket_path)
+    service = serve(rackd.backend(timeout=2.0))
+    for _ in range(2):
+        started = time.monotonic()
+        got = await fetch(serve, service, b"hello.txt")
+        assert got.error == (0, UNREACHABLE)
+        assert time.monotonic() - started < 1.0  # at once, not after the 2 s backend timeout
+    assert len(events_with(log_events, outcome="backend-unavailable")) == 2
+
+    # A socket file nobody listens on (rackd died): refused at once too.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(rackd.socket_path)
+    stale.close()
+    got = await fetch(serve, service, b"hello.txt")
+    assert got.error == (0, UNREACHABLE)
+    os.unlink(rackd.socket_path)
+
+    rackd.start()
+    got = await fetch(serve, service, b"hello.txt")
+    assert got.complete and got.data == HELLO
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsendable_filename_never_reaches_rackd(serve: Serving, rackd: Rackd) -> None:
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, "caf\u00e9.cfg".encode())
+    assert got.error == (2, "Access violation: filename is not ASCII")
+    assert rackd.state.connections == 0
+
+
+@pytest.mark.parametrize("mode", [b"netascii"])
+@pytest_twisted.ensureDeferred
+async def test_netascii(serve: Serving, rackd: Rackd, mode: bytes) -> None:
+    service = serve(rackd.backend())
+    peer = serve.peer()
+    got = await download(peer, ("127.0.0.1", int(service.ports[0].getHost().port)), b"hello.txt", mode=mode)
+    assert got.complete and got.data == HELLO.replace(b"\n", b"\r\n")
+
+
+def test_reply_limit_is_above_any_path() -> None:
+    assert os.pathconf("/", "PC_PATH_MAX") + 16 < MAX_REPLY
+
+
+# ------------------------------------------------------ real processes, curl --
+
+
+def _run(cmd: List[str], timeout: float = 30) -> "subprocess.CompletedProcess[bytes]":
+    return subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+@dataclass
+class Processes:
+    server: TwistdServer
+    responder: "subprocess.Popen[bytes]"
+    socket_path: str
+    root: Path
+    eph_dir: Path
+    workdir: Path
+
+    def start_responder(self) -> None:
+        with (self.workdir / "responder.out").open("ab") as out:
+            self.responder = subprocess.Popen(
+                [sys.executable, str(Path(legacy_responder.__file__)), self.socket_path, str(self.root),
+                 str(self.eph_dir)], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        end = time.monotonic() + 10
+        while not os.path.exists(self.socket_path):
+            assert self.responder.poll() is None, (self.workdir / "responder.out").read_text()
+            assert time.monotonic() < end, "responder did not start"
+            time.sleep(0.02)
+
+    def stop_responder(self) -> None:
+        if self.responder.poll() is None:
+            self.responder.terminate()  # this PID only
+            self.responder.wait(10)
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+
+    def curl(self, name: str, out: Path) -> "subprocess.CompletedProcess[bytes]":
+        return _run(["curl", "-s", "--max-time", "20", "--tftp-blksize", "1468", "-o", str(out),
+                     f"tftp://127.0.0.1:{self.server.port}/{name}"])
+
+
+@pytest.fixture(scope="module")
+def processes(request: pytest.FixtureRequest) -> Iterator[Processes]:
+    """The responder and `twistd -n tftp-offload --socket PATH --protocol legacy`, under the reactor
+    this run uses; both stopped (by PID) at the end, and the server's log must hold no traceback."""
+    if shutil.which("curl") is None:
+        pytest.fail("curl is not installed: run scripts/setup")
+    workdir = Path(tempfile.mkdtemp(prefix="tftp-legacy-e2e-", dir="/tmp"))
+    root, eph_dir = workdir / "root", workdir / "eph"
+    root.mkdir()
+    eph_dir.mkdir(mode=0o700)
+    (root / "hello.txt").write_bytes(HELLO)
+    (root / "1m.bin").write_bytes(os.urandom(1 << 20))
+    socket_path = str(workdir / "rackd.sock")
+    procs = Processes(None, None, socket_path, root, eph_dir, workdir)  # type: ignore[arg-type]
+    procs.start_responder()
+
+    reactor = str(request.config.getoption("reactor", "default"))
+    port = free_udp_port(("127.0.0.1",))
+    log_path = workdir / "twistd.log"
+    args = ["--socket", socket_path, "--protocol", "legacy", "--backend-timeout", "1",
+            "--listen", f"127.0.0.1:{port}"]
+    cmd = twistd_command(args, log_path, workdir / "twistd.pid", reactor)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with (workdir / "twistd.out").open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    procs.server = TwistdServer(["127.0.0.1"], port, root, log_path, proc, cmd)
+    try:
+        wait_until_serving(procs.server)
+        yield procs
+    finally:
+        procs.stop_responder()
+        procs.server.stop()
+        log = procs.server.log()
+        shutil.rmtree(workdir, ignore_errors=True)
+        assert "Traceback" not in log, log[-8000:]
+
+
+def test_twistd_static_files(processes: Processes, tmp_path: Path) -> None:
+    for name in ("hello.txt", "1m.bin"):
+        out = tmp_path / name
+        result = processes.curl(name, out)
+        assert result.returncode == 0, result.stderr
+        assert out.read_bytes() == (processes.root / name).read_bytes()
+
+
+def test_twistd_ephemeral_file(processes: Processes, tmp_path: Path) -> None:
+    name = "eph/70000/grub/grub.cfg-01-52-54-00-ab-cd-ef"
+    out = tmp_path / "grub.cfg"
+    result = processes.curl(name, out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == render("127.0.0.1", "127.0.0.1", name, 70000)
+    assert os.listdir(processes.eph_dir) == []
+
+
+def test_twistd_not_found(processes: Processes, tmp_path: Path) -> None:
+    result = processes.curl("pxelinux.cfg/default-missing", tmp_path / "x")
+    assert result.returncode == 68, result  # curl: TFTP file not found
+
+
+def test_twistd_without_rackd(processes: Processes, tmp_path: Path) -> None:
+    """rackd stopped: each request fails fast with a TFTP error; rackd back: served again."""
+    processes.stop_responder()
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            result = processes.curl("hello.txt", tmp_path / "x")
+            assert result.returncode not in (0, 28), result  # an error, not a curl timeout
+            assert time.monotonic() - started < 3
+        processes.server.assert_healthy()
+        assert "Cannot reach rackd" in processes.server.log()
+    finally:
+        processes.start_responder()
+    out = tmp_path / "hello.txt"
+    result = processes.curl("hello.txt", out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == HELLO
