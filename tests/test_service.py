@@ -34,7 +34,16 @@ FILE = os.urandom(3000)
 
 
 def port_of(service: TFTPOffloadService, index: int = 0) -> int:
-    return int(service.ports[index].getHost().port)
+    return service.addresses()[index][1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_addresses_tell_the_ports_the_kernel_picked(serve: Serving) -> None:
+    service = serve(Backend({b"file": FILE}), listen=[("127.0.0.1", 0), ("::1", 0)])
+    (v4, p4), (v6, p6) = service.addresses()
+    assert (v4, v6) == ("127.0.0.1", "::1") and p4 > 0 and p6 > 0
+    got = await download(serve.peer("::1"), ("::1", p6))
+    assert got.complete and got.data == FILE
 
 
 # ---------------------------------------------------------------------- drain --

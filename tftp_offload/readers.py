@@ -6,17 +6,19 @@ not a block, so a file reader costs one `read` system call per window.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 from typing import Optional, Union
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from .errors import AccessViolation, FileNotFound
 from .interfaces import IReader
+
+log = Logger(namespace="tftp_offload")
 
 
 def open_regular(path: Union[str, bytes], follow_symlinks: bool = False) -> int:
@@ -43,6 +45,30 @@ def open_regular(path: Union[str, bytes], follow_symlinks: bool = False) -> int:
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise AccessViolation(f"Access violation: {kind}")
     return fd
+
+
+def open_ephemeral(path: Union[str, bytes]) -> int:
+    """Open a file a backend made for this one request, and delete its name at once.
+
+    From then on the descriptor is the file: the transfer reads it while no
+    name points at it, so nothing is left behind however the transfer ends,
+    a crash of this process included. The name goes even when the open fails.
+    Symlinks are not followed: the backend wrote this file itself.
+    """
+    try:
+        return open_regular(path, follow_symlinks=False)
+    finally:
+        discard_ephemeral(path)
+
+
+def discard_ephemeral(path: Union[str, bytes]) -> None:
+    """Delete an ephemeral file nobody will serve; already gone is fine (its backend cleaned up)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warn("Could not delete ephemeral file {path!r}: {error}", path=path, error=str(e))
 
 
 @implementer(IReader)
@@ -114,8 +140,7 @@ class PathReader(FileReader):
         super().finish()
         if self.ephemeral:
             self.ephemeral = False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+            discard_ephemeral(self.path)
 
     def release(self) -> None:
         """Close without deleting: someone else now owns the file."""

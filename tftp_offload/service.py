@@ -15,7 +15,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from .interfaces import IBackend
 from .options import Limits
 from .server import LOOKUP_TIMEOUT, ListenerProtocol, TFTPServer
 from .udp import RequestPort, is_ipv6
@@ -31,11 +30,26 @@ DRAIN_TIMEOUT = 10.0
 
 
 class TFTPOffloadService(Service):
-    """Listens on `listen` (host, port) pairs, and on `inherited` sockets, and serves what `backend` decides."""
+    """Listens on `listen` (host, port) pairs, and on `inherited` sockets, and serves what `backend` decides.
+
+    - `backend`: provides python-tx-tftp's `IBackend` contract (`get_reader`);
+      it need not declare our interface, which is why the hint is `Any`.
+    - `listen`: (host, port) pairs; "::" is every address, IPv4 included.
+      Port 0 picks a free port: `addresses()` tells which.
+    - `limits`: blksize/windowsize caps, retransmission timeout, give-up time,
+      rollover (`tftp_offload.options.Limits`).
+    - `max_sessions`: transfers and backend lookups at once; more requests are
+      dropped with a log line (ROMs retry).
+    - `lookup_timeout`: seconds a backend may take before the client is told.
+    - `quiet`: log only transfers that fail.
+    - `drain_timeout`: on stop, seconds running transfers get to finish.
+    - `inherited`: (fd, family) of bound UDP sockets to adopt (socket activation).
+    - `reactor`: defaults to the global one, looked up only when the service starts.
+    """
 
     def __init__(
         self,
-        backend: IBackend,
+        backend: Any,
         listen: Sequence[Tuple[str, int]] = DEFAULT_LISTEN,
         limits: Limits = Limits(),
         max_sessions: int = 1000,
@@ -54,7 +68,6 @@ class TFTPOffloadService(Service):
         self.quiet = quiet
         self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
-        """(fd, family) of already bound UDP sockets to serve on (socket activation)."""
         self.server: Optional[TFTPServer] = None
         self.ports: List[RequestPort] = []
 
@@ -85,6 +98,10 @@ class TFTPOffloadService(Service):
             self.ports = []
             raise
         super().startService()
+
+    def addresses(self) -> List[Tuple[str, int]]:
+        """(host, port) of each socket served, once started: the real port where 0 was asked."""
+        return [(port.getHost().host, port.getHost().port) for port in self.ports]
 
     def stopService(self) -> Deferred:
         """Stop listening at once; running transfers get `drain_timeout` seconds to finish."""

@@ -58,7 +58,7 @@ from .. import __version__, offload
 from ..errors import BackendError, TFTPError, Unsupported
 from ..interfaces import IBackend, IReader
 from ..offload import CHUNK_MAX, EPHEMERAL, FD, INLINE, PATH, STREAM
-from ..readers import BytesReader, FileReader, open_regular
+from ..readers import BytesReader, FileReader, open_ephemeral, open_regular
 
 log = Logger(namespace="tftp_offload.amp")
 
@@ -731,12 +731,7 @@ class AMPBackend(Service):
             return _FdAnswer(fd, FD)
         if kind == EPHEMERAL and response["path"] is not None:
             path = response["path"]
-            fd = open_regular(path, follow_symlinks=False)
-            try:
-                os.unlink(path)
-            except OSError as e:
-                log.warn("Could not delete ephemeral file {path!r}: {error}", path=path, error=str(e))
-            return _FdAnswer(fd, EPHEMERAL)
+            return _FdAnswer(open_ephemeral(path), EPHEMERAL)
         if kind == PATH and response["path"] is not None:
             return _PathAnswer(response["path"])
         if kind == STREAM and response["stream_id"] is not None:

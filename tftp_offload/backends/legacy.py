@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from ..errors import AccessViolation, BackendError, FileNotFound, TFTPError, Unsupported
 from ..interfaces import IBackend
-from ..readers import FileReader, open_regular
+from ..readers import FileReader, discard_ephemeral, open_ephemeral, open_regular
 from ..server import LOOKUP_TIMEOUT
 
 log = Logger()
@@ -292,7 +292,7 @@ class _Lookup:
         if self.result.called or self.timed_out:
             # Nobody will serve it (a complete answer that came without EOF in time also counts).
             if answer.ephemeral:
-                _unlink(answer.path)
+                discard_ephemeral(answer.path)
             self._fail(BackendError(NO_ANSWER))
             return
         try:
@@ -315,7 +315,7 @@ def open_answer(answer: FileAnswer) -> FileReader:
     try:
         # rackd's static files are often symlinks (boot-resources/current/...); the ephemeral ones
         # it writes itself, so a symlink there is not one of them.
-        fd = open_regular(path, follow_symlinks=not answer.ephemeral)
+        fd = open_ephemeral(path) if answer.ephemeral else open_regular(path, follow_symlinks=True)
     except AccessViolation as e:
         log.warn("Cannot serve {path!r} that rackd named: {reason} (this process runs as uid {uid}; to read "
                  "rackd's files it must run as the user rackd runs as, maas)", path=path, reason=str(e),
@@ -327,19 +327,7 @@ def open_answer(answer: FileAnswer) -> FileReader:
     except OSError as e:
         log.warn("Cannot open {path!r} that rackd named: {error}", path=path, error=e, outcome="backend-error")
         raise BackendError("Backend error: cannot open the file") from None
-    finally:
-        if answer.ephemeral:
-            _unlink(path)
     return FileReader(fd)
-
-
-def _unlink(path: bytes) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass  # rackd cleaned up first (it removes its whole directory when it stops)
-    except OSError as e:
-        log.warn("Could not delete ephemeral file {path!r}: {error}", path=path, error=e)
 
 
 @implementer(IBackend)
