@@ -110,3 +110,24 @@ def test_stalled_transfer_is_aborted_after_drain_timeout(
     assert errors, f"the client was not told: {[d[:4] for d in received]}"
     assert b"shutting down" in errors[-1].lower()
     assert "aborted b'kernel'" in server.log()
+
+
+def test_second_sigterm_aborts_the_drain_at_once(
+    root: Path, tmp_path: Path, reactor_name: str, servers: List[Twistd], clients: List[PacedClient]
+) -> None:
+    """The operator who signals twice does not wait out --drain-timeout, and gets no traceback."""
+    server = start_listening(tmp_path, ["--root", str(root), "--drain-timeout", "60"], reactor_name)
+    servers.append(server)
+    client = PacedClient("127.0.0.1", server.port, b"kernel")
+    clients.append(client)
+    client.next_block()  # then never ACKs again
+    sent = server.terminate()
+    server.wait_for_log("Letting 1 transfers finish")
+    server.terminate()
+    received, exited = client.datagrams_until_exit(server, 15)
+    server.wait_exit(sent)
+    assert exited - sent < 10
+    errors = [d for d in received if struct.unpack("!H", d[:2])[0] == ERROR]
+    assert errors and b"shutting down" in errors[-1].lower()
+    assert "aborted b'kernel'" in server.log()
+    assert "Traceback" not in server.log()

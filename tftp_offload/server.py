@@ -154,11 +154,13 @@ class TFTPServer:
             if done is not None and done[0] == data and arrived < done[1]:
                 # It arrived while its transfer ran (the reactor just handled the final ACK first):
                 # a small file is often sent and ACKed before the ROM's duplicate RRQ is read.
-                log.debug("Duplicate request from {client} ignored (already served)", client=client)
+                if self._bad.allow(now):
+                    log.debug("Duplicate request from {client} ignored (already served)", client=client)
                 return
         else:
             if existing.raw == data and now - existing.started < DUPLICATE_WINDOW:
-                log.debug("Duplicate request from {client} ignored", client=client)
+                if self._bad.allow(now):
+                    log.debug("Duplicate request from {client} ignored", client=client)
                 return
             # The client has moved on (a UEFI probe's follow-up RRQ, or a restart): so do we.
             existing.close("superseded")

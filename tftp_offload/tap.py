@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Callable, List, Tuple
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.python import usage
 
 from .activation import inherited_datagram_sockets
@@ -124,6 +125,31 @@ def make_backend(options: Options) -> IBackend:
     return AMPBackend(options["socket"], timeout=options["backend-timeout"])
 
 
+class AbortOnSecondSignal(Service):
+    """Under twistd, a second SIGTERM or SIGINT while transfers drain aborts them at once.
+
+    Without it the second signal only makes Twisted log a "Can't stop reactor
+    that isn't running" traceback, and the operator who pressed Ctrl-C twice
+    still waits. Kept out of `TFTPOffloadService`: a host process that embeds
+    us owns its signals.
+    """
+
+    def __init__(self, tftp: TFTPOffloadService) -> None:
+        self.tftp = tftp
+
+    def stopService(self) -> None:
+        super().stopService()
+        from twisted.internet import reactor
+
+        def again(signum: int, frame: Any) -> None:
+            server = self.tftp.server
+            if server is not None:
+                reactor.callFromThread(server.abort_all)  # type: ignore[attr-defined]
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, again)
+
+
 def makeService(options: Options) -> IService:
     limits = Limits(
         max_blksize=options["max-blksize"],
@@ -137,7 +163,7 @@ def makeService(options: Options) -> IService:
     top = MultiService()
     if IService.providedBy(backend):
         backend.setServiceParent(top)  # type: ignore[attr-defined]
-    TFTPOffloadService(
+    tftp = TFTPOffloadService(
         backend,
         listen=options.listen,
         limits=limits,
@@ -147,5 +173,7 @@ def makeService(options: Options) -> IService:
         quiet=bool(options["quiet"]),
         drain_timeout=options["drain-timeout"],
         inherited=options.inherited,
-    ).setServiceParent(top)
+    )
+    tftp.setServiceParent(top)
+    AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
     return top
