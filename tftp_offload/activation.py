@@ -29,17 +29,24 @@ def inherited_datagram_sockets(environ: Optional[Mapping[str, str]] = None) -> L
     if environ is None:
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
+    if "LISTEN_FDS" not in env:
+        return []
     if env.get("LISTEN_PID") not in (None, str(os.getpid())):
-        return []  # meant for another process (we were started by the one they were for)
+        # Meant for another process (we were started by the one they were for).
+        log.info("Not adopting sockets passed to process {listen_pid} (this is {pid})",
+                 listen_pid=env.get("LISTEN_PID"), pid=os.getpid())
+        return []
     try:
-        count = int(env.get("LISTEN_FDS", "0"))
+        count = int(env["LISTEN_FDS"])
     except ValueError:
+        log.warn("Ignored LISTEN_FDS={value!r}: not a number", value=env["LISTEN_FDS"])
         return []
     found = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
         try:
             probe = socket.socket(fileno=fd)  # learns family and type from the descriptor
-        except OSError:
+        except OSError as e:
+            log.warn("Ignored inherited descriptor {fd}: {error}", fd=fd, error=str(e))
             continue
         try:
             if probe.type == socket.SOCK_DGRAM and probe.family in (socket.AF_INET, socket.AF_INET6):
