@@ -100,6 +100,28 @@ def test_serves_on_inherited_socket(
     assert server.log().count("complete") >= 3 * len(clients)
 
 
+def test_inherited_socket_after_twisted_took_the_variables(
+    root: Path, tmp_path: Path, reactor_name: str, servers: List[Twistd]
+) -> None:
+    """twistd rebuilding its plugin cache imports twisted.internet.endpoints before our options
+    are parsed, and that import removes LISTEN_FDS from the environment: the socket is still ours."""
+    sock = bound_socket("127.0.0.1")
+    port = int(sock.getsockname()[1])
+    log_path = tmp_path / "twistd.log"
+    main = "import twisted.internet.endpoints; " + TWISTD_MAIN
+    cmd = [sys.executable, "-c", LAUNCHER, str(sock.fileno()), sys.executable, "-c", main,
+           "-n", "--pidfile=", "--logfile", str(log_path), "--reactor", reactor_name,
+           "tftp-offload", "--root", str(root)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=environment(), pass_fds=(sock.fileno(),),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock.close()
+    server = Twistd(proc, log_path, port)
+    servers.append(server)
+    server.wait_for_log("Serving TFTP on inherited")
+    fetch_all("127.0.0.1", port, root, tmp_path)
+    server.stop()
+
+
 def test_inherited_socket_and_listen(root: Path, tmp_path: Path, reactor_name: str, servers: List[Twistd]) -> None:
     """--listen adds its own sockets next to the inherited one: both serve."""
     sock = bound_socket("127.0.0.1")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Dict, List, Mapping, Optional, Tuple
+import sys
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from twisted.logger import Logger
 
@@ -30,7 +31,7 @@ def inherited_datagram_sockets(environ: Optional[Mapping[str, str]] = None) -> L
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             os.environ.pop(name, None)
     if "LISTEN_FDS" not in env:
-        return []
+        return _udp_sockets(_taken_by_twisted()) if environ is None else []
     if env.get("LISTEN_PID") not in (None, str(os.getpid())):
         # Meant for another process (we were started by the one they were for).
         log.info("Not adopting sockets passed to process {listen_pid} (this is {pid})",
@@ -41,8 +42,29 @@ def inherited_datagram_sockets(environ: Optional[Mapping[str, str]] = None) -> L
     except ValueError:
         log.warn("Ignored LISTEN_FDS={value!r}: not a number", value=env["LISTEN_FDS"])
         return []
+    return _udp_sockets(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
+
+
+def _taken_by_twisted() -> List[int]:
+    """The descriptors Twisted's `systemd:` endpoint parser took, with the variables, on import.
+
+    Importing twisted.internet.endpoints reads LISTEN_FDS and removes it from
+    the environment (Twisted 23 and later), and twistd imports it before our
+    options are parsed whenever it rebuilds its plugin cache. What it read is
+    kept on the parser class (a private name, hence the care).
+    """
+    endpoints = sys.modules.get("twisted.internet.endpoints")
+    daemon = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
+    try:
+        return list(daemon.inheritedDescriptors()) if daemon is not None else []
+    except Exception:
+        return []
+
+
+def _udp_sockets(fds: Iterable[int]) -> List[Tuple[int, int]]:
+    """The UDP sockets among `fds`, with their address family; anything else is logged and left."""
     found = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+    for fd in fds:
         try:
             probe = socket.socket(fileno=fd)  # learns family and type from the descriptor
         except OSError as e:
