@@ -154,6 +154,7 @@ async def test_duplicate_read_after_its_transfer_completed_is_ignored(serve: Ser
     reply, tid = await peer.recv()
     assert opcode(reply) == wire.DATA and block_of(reply) == 1
     peer.send(wire.ack(1), tid)
+    acked = time.time()  # the final ACK has arrived by now (loopback stamps it inside sendto)
     await until(lambda: not service.server.sessions, what="the transfer to complete")  # type: ignore[union-attr]
 
     # What the listener would report for a duplicate that arrived before the final ACK:
@@ -162,10 +163,19 @@ async def test_duplicate_read_after_its_transfer_completed_is_ignored(serve: Ser
     assert len(backend.lookups) == 1
     assert [block_of(d) for d, _ in peer.received if opcode(d) == wire.DATA] == [1]
 
-    # The same request sent now, after the end, is a new one.
+    # One that arrived just after the final ACK (but was read after the reactor handled it) is new:
+    # the client had its file and reuses its port.
+    service.server.request_received(listener, request, peer.address, "127.0.0.1", acked)  # type: ignore[union-attr]
+    reply, tid = await peer.recv()
+    assert opcode(reply) == wire.DATA and block_of(reply) == 1
+    peer.send(wire.ack(1), tid)
+    await until(lambda: not service.server.sessions, what="the second transfer to complete")  # type: ignore[union-attr]
+    assert len(backend.lookups) == 2
+
+    # And one sent now, after the end, is new as well.
     got = await download(peer, server, b"small")
     assert got.complete and got.data == b"x" * 100
-    assert len(backend.lookups) == 2
+    assert len(backend.lookups) == 3
 
 
 @pytest_twisted.ensureDeferred

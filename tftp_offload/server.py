@@ -189,20 +189,20 @@ class TFTPServer:
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
         if session.outcome == Outcome.COMPLETE:
-            self._remember_completed(session)
+            self._remember_completed(session, session.last_arrival or time.time())
         self._check_drained()
 
-    def _remember_completed(self, session: "Session") -> None:
-        """Keep (request, end time) of a completed transfer a moment, to spot duplicates read late.
+    def _remember_completed(self, session: "Session", ended: float) -> None:
+        """Keep (request, final ACK's arrival) of a completed transfer a moment, to spot late duplicates.
 
         Only completed ones: after a client's ERROR (the UEFI size probe) the
         same request again is a new one and must be served. A request that
-        arrived after the end is new too (a client reusing its port), which the
-        arrival time tells apart; the memory only needs to outlast the reactor's
-        backlog.
+        arrived after the final ACK is new too (the client had its file: it
+        reuses its port for another request), which the kernel's arrival times
+        tell apart, whatever order the reactor read the two sockets in; the
+        memory only needs to outlast the reactor's backlog.
         """
         completed = self._completed
-        ended = time.time()
         completed.pop(session.client, None)
         completed[session.client] = (session.raw, ended)
         horizon = ended - REMEMBER_COMPLETED
@@ -276,6 +276,8 @@ class Session(DatagramProtocol):
         self.engine: Optional[ReadTransfer] = None
         self.reader: Any = None
         self._backend_reader: Any = None
+        self.last_arrival: Optional[float] = None
+        """Kernel arrival time of the final ACK of a completed transfer."""
         self.outcome: Optional[str] = None
         self._timer: Optional[IDelayedCall] = None
         self._reading = False
@@ -462,6 +464,8 @@ class Session(DatagramProtocol):
             self._timer.cancel()
         self._timer = None
         if self._port is not None:
+            if outcome == Outcome.COMPLETE:
+                self.last_arrival = self._port.last_arrival()
             self._port.stopListening()
         report = self.report() if self.engine is not None else None
         if self.reader is not None:

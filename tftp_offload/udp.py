@@ -10,6 +10,7 @@ IP_PKTINFO / IPV6_RECVPKTINFO on every datagram, and can send a reply from it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import socket
 import struct
@@ -38,6 +39,8 @@ REQUEST_RCVBUF = 4 << 20
 _IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 _TIMESPEC = struct.Struct("@ll")
+_TIMEVAL = struct.Struct("@ll")
+SIOCGSTAMP = 0x8906
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _ANCILLARY_SPACE = (
     socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size) + socket.CMSG_SPACE(_TIMESPEC.size)
@@ -194,6 +197,18 @@ class TransferPort(udp.Port):
         self.connected = 1
         self.socket = skt
         self.fileno = skt.fileno  # type: ignore[method-assign]
+        with contextlib.suppress(OSError):  # ENOENT: nothing received yet, as expected
+            # The first SIOCGSTAMP makes the kernel keep each datagram's arrival time.
+            fcntl.ioctl(skt.fileno(), SIOCGSTAMP, bytes(_TIMEVAL.size))
+
+    def last_arrival(self) -> Optional[float]:
+        """When the last datagram read from this port arrived (kernel time, time.time() scale)."""
+        try:
+            seconds, microseconds = _TIMEVAL.unpack(fcntl.ioctl(self.socket.fileno(), SIOCGSTAMP,
+                                                                bytes(_TIMEVAL.size)))
+        except (OSError, AttributeError):
+            return None
+        return seconds + microseconds * 1e-6
 
     def connectionLost(self, reason: Optional[Failure] = None) -> None:
         # As udp.Port's, less its log line.
