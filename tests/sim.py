@@ -70,10 +70,15 @@ def make_engine(
     timeout: float = 1.0,
     oack: Optional[Dict[str, str]] = None,
     limits: Optional[Limits] = None,
+    read_ahead: int = 0,
 ) -> ReadTransfer:
-    """A `ReadTransfer` on these terms; with `oack` it starts by sending that OACK."""
+    """A `ReadTransfer` on these terms; with `oack` it starts by sending that OACK.
+
+    No read-ahead by default, so that `need` is exactly what the window lacks;
+    the read-ahead has tests of its own.
+    """
     terms = Negotiated(blksize, windowsize, timeout, dict(oack or {}))
-    return ReadTransfer(terms, limits or Limits(), packets.encode_oack(oack) if oack else None)
+    return ReadTransfer(terms, limits or Limits(), packets.encode_oack(oack) if oack else None, read_ahead)
 
 
 def data_blocks(datagrams: List[bytes]) -> List[int]:

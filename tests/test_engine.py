@@ -759,3 +759,37 @@ def test_lossy_network_still_delivers_identical_bytes(
     assert run.run() == Outcome.COMPLETE
     assert bytes(client.data) == source and client.done
     assert engine.bytes_acked == size
+
+
+# -- read-ahead ---------------------------------------------------------------------------------
+
+
+def test_lockstep_reads_sixteen_blocks_at_a_time() -> None:
+    """Small windows read ahead: one read per 16 blocks, not per block; the wire is unchanged."""
+    engine = make_engine(blksize=512, windowsize=1, read_ahead=engine_module.READ_AHEAD_BYTES)
+    content = pattern(512 * 40 + 7)
+    sizes: List[int] = []
+
+    class Recording(Source):
+        def read(self, size: int) -> bytes:
+            sizes.append(size)
+            return super().read(size)
+
+    source = Recording(content)
+    out = begin(engine, source)
+    received: List[bytes] = []
+    while engine.outcome is None:
+        assert data_blocks(out) == [len(received) + 1]  # lock-step: one block per ACK, in order
+        received += payloads(out)
+        out = event(engine, source, encode_ack(len(received)))
+    assert b"".join(received) == content
+    assert sizes == [8192, 7680, 7680]  # 16 blocks, then 15 whenever only the next one is left
+
+
+def test_read_ahead_is_capped_in_bytes_and_not_added_to_large_windows() -> None:
+    big_blocks = make_engine(blksize=8192, windowsize=1, read_ahead=engine_module.READ_AHEAD_BYTES)
+    big_blocks.start(0.0)
+    assert big_blocks.need == 4 * 8192  # 32 KiB of 8 KiB blocks
+    wide = make_engine(blksize=512, windowsize=64, read_ahead=engine_module.READ_AHEAD_BYTES)
+    wide.start(0.0)
+    assert wide.need == 64 * 512  # the window is already more than the read-ahead

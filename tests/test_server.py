@@ -41,6 +41,7 @@ from tftp_offload.options import Limits
 from tftp_offload.service import TFTPOffloadService
 
 FILE = os.urandom(3000)
+LARGE = os.urandom(100_000)
 """Six blocks of 512 (the last one short)."""
 
 
@@ -344,18 +345,18 @@ async def test_max_sessions_drops_and_recovers(serve: Serving, log_events: List[
 @pytest_twisted.ensureDeferred
 async def test_deferred_reader_with_deferred_reads_and_unknown_size(serve: Serving) -> None:
     """tx-tftp style: get_reader answers a Deferred; read() answers Deferreds; size None: no tsize."""
-    backend = Backend({b"file": FILE}, size=None, deferred=True)
+    backend = Backend({b"file": LARGE}, size=None, deferred=True)  # larger than one read-ahead
     backend.answer = lambda name: _later(backend.make, name)
     service = serve(backend)
     peer = serve.peer()
     server = ("127.0.0.1", port_of(service))
 
     got = await download(peer, server, b"file", {"tsize": "0", "blksize": "1000", "windowsize": "2"})
-    assert got.complete and got.data == FILE
+    assert got.complete and got.data == LARGE
     assert got.oack == {"blksize": "1000", "windowsize": "2"}
     # With nothing else to answer, no OACK at all: DATA 1 straight away.
     got = await download(peer, server, b"file", {"tsize": "0"})
-    assert got.complete and got.data == FILE and got.oack is None
+    assert got.complete and got.data == LARGE and got.oack is None
     await serve.settled(service)
     assert [reader.finished for reader in backend.readers] == [1, 1]
     assert all(reader.reads > 1 for reader in backend.readers)
@@ -511,7 +512,7 @@ async def test_finish_when_a_read_fails(serve: Serving, log_events: List[Dict[st
                 raise OSError("disk on fire")
             return super().read(size)
 
-    backend = Backend({b"file": FILE}, reader=Failing)
+    backend = Backend({b"file": LARGE}, reader=Failing)  # more than one read
     service = serve(backend)
     peer = serve.peer()
     got = await download(peer, ("127.0.0.1", port_of(service)), b"file", {"blksize": "512"})

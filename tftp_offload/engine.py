@@ -36,6 +36,10 @@ _ERROR = int(Opcode.ERROR)
 MAX_BACKOFF = 8.0
 """Retransmission timeouts double up to this (or the negotiated timeout, if larger)."""
 
+READ_AHEAD_BLOCKS = 16
+READ_AHEAD_BYTES = 32 << 10
+"""Small windows read this far ahead (blocks, and bytes at most): fewer, larger reads."""
+
 NOTHING: List[bytes] = []
 """Shared empty answer: callers only iterate over it, so one list serves every call."""
 
@@ -75,12 +79,15 @@ class ReadTransfer:
         "_progress_at",
         "_rollover",
         "_started",
+        "_ahead",
     )
 
-    def __init__(self, negotiated: Negotiated, limits: Limits, oack: Optional[bytes] = None) -> None:
+    def __init__(self, negotiated: Negotiated, limits: Limits, oack: Optional[bytes] = None,
+                 read_ahead: int = READ_AHEAD_BYTES) -> None:
         self.blksize = negotiated.blksize
         self.windowsize = negotiated.windowsize
         self.need = 0
+        self._ahead = max(0, min(READ_AHEAD_BLOCKS, read_ahead // self.blksize) - self.windowsize)
         self.deadline = 0.0
         self.outcome: Optional[str] = None
         self.retransmits = 0
@@ -249,8 +256,10 @@ class ReadTransfer:
             # end of file is measured against it, so it must not grow under that read.
             return
         if self._last is None:
+            # Keep the window and `_ahead` more blocks read, refilling only once the read-ahead is
+            # used up: a lock-step transfer then reads every 16th block, not every block.
             # max(): the OACK stands as block 0 but takes no room in the first window.
-            blocks = max(self._acked, 0) + self.windowsize - self._next + 1
-            self.need = blocks * self.blksize if blocks > 0 else 0
+            blocks = max(self._acked, 0) + self.windowsize + self._ahead - self._next + 1
+            self.need = blocks * self.blksize if blocks > 0 and blocks >= self._ahead else 0
         else:
             self.need = 0
