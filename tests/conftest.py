@@ -139,3 +139,9 @@ def twistd_server(_shared_server: TwistdServer) -> Iterator[TwistdServer]:
     _shared_server.assert_healthy()
     yield _shared_server
     _shared_server.assert_healthy()
+
+
+@pytest.fixture
+def reactor_name(request: pytest.FixtureRequest) -> str:
+    """The reactor this run uses (pytest-twisted's --reactor): twistd processes a test starts use it too."""
+    return str(request.config.getoption("reactor", "default"))

@@ -128,13 +128,6 @@ class Peer(DatagramProtocol):
         return items
 
 
-def wire_block(block: int, rollover: int = 0) -> int:
-    """The 16-bit number block `block` (counted from 1, 0 for the OACK) carries on the wire."""
-    if rollover == 0 or block == 0:
-        return block & 0xFFFF
-    return (block - 1) % 0xFFFF + 1
-
-
 @dataclass
 class Download:
     data: bytes = b""
@@ -191,9 +184,9 @@ async def download(
         if op != wire.DATA:
             raise AssertionError(f"unexpected datagram {datagram[:40]!r} from {addr}")
         number = block_of(datagram)
-        if number != wire_block(received + 1, rollover):
+        if number != wire.wire_block(received + 1, rollover):
             result.unexpected += 1  # a retransmission after a late ACK: say where we are
-            peer.send(wire.ack(wire_block(received, rollover)), addr)
+            peer.send(wire.ack(wire.wire_block(received, rollover)), addr)
             continue
         received += 1
         if received in watch:

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -245,3 +247,12 @@ class PacedClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[List[Twistd]]:
+    """Processes a test started; any still running at the end is killed (by PID)."""
+    started: List[Twistd] = []
+    yield started
+    for server in started:
+        server.kill_if_running()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import pytest
 from service_process import (
@@ -26,6 +26,7 @@ from service_process import (
     curl_fetch,
     environment,
     free_udp_port,
+    servers,  # noqa: F401  (fixture)
     start_inherited,
 )
 
@@ -38,20 +39,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, size in FILES.items():
         (path / name).write_bytes(os.urandom(size))
     return path
-
-
-@pytest.fixture
-def reactor_name(request: pytest.FixtureRequest) -> str:
-    return str(request.config.getoption("reactor", "default"))
-
-
-@pytest.fixture
-def servers() -> Iterator[List[Twistd]]:
-    """Processes a test started; any still running at the end is killed (by PID)."""
-    started: List[Twistd] = []
-    yield started
-    for server in started:
-        server.kill_if_running()
 
 
 def fetch_all(host: str, port: int, root: Path, tmp_path: Path) -> None:

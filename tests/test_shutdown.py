@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-from service_process import ERROR, PacedClient, Twistd, rrq, start_listening
+from service_process import (
+    ERROR,
+    PacedClient,
+    Twistd,
+    rrq,
+    servers,  # noqa: F401  (fixture)
+    start_listening,
+)
 
 SIZE = 512 * 300 + 100  # 301 blocks of 512 in lock-step
 
@@ -26,19 +33,6 @@ def root(tmp_path: Path) -> Path:
     path.mkdir()
     (path / "kernel").write_bytes(os.urandom(SIZE))
     return path
-
-
-@pytest.fixture
-def reactor_name(request: pytest.FixtureRequest) -> str:
-    return str(request.config.getoption("reactor", "default"))
-
-
-@pytest.fixture
-def servers() -> Iterator[List[Twistd]]:
-    started: List[Twistd] = []
-    yield started
-    for server in started:
-        server.kill_if_running()
 
 
 @pytest.fixture
