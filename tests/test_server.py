@@ -718,3 +718,19 @@ async def test_bad_traffic_log_lines_are_rate_limited(serve: Serving, log_events
     pending[0].callback(backend.make(b"file"))
     got = await download(peer, server, send_request=False)
     assert got.complete
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_to_malformed_requests_are_budgeted(serve: Serving) -> None:
+    """A flood of malformed RRQs (spoofable) gets a bounded number of ERROR replies."""
+    from tftp_offload.server import REFUSALS_PER_SECOND
+
+    service = serve(Backend({b"file": FILE}))
+    server = ("127.0.0.1", port_of(service))
+    peer = serve.peer()
+    for _ in range(3 * REFUSALS_PER_SECOND):
+        peer.send(b"\0\1no-terminator", server)
+    await sleep(0.3)
+    errors = [d for d, _ in peer.drop_queued() if opcode(d) == wire.ERROR]
+    # One second's budget, perhaps two when the burst straddles a second boundary.
+    assert 0 < len(errors) <= 2 * REFUSALS_PER_SECOND

@@ -55,6 +55,9 @@ UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
 
 MTU_CACHE_SIZE = 4096
 
+REFUSALS_PER_SECOND = 100
+"""ERROR replies to malformed requests sent at most per second."""
+
 REMEMBER_COMPLETED = 5.0
 """Seconds a completed transfer's request is kept to recognise a duplicate read after it ended."""
 MAX_REMEMBERED = 100_000
@@ -62,7 +65,7 @@ MAX_REMEMBERED = 100_000
 
 
 class _LogBudget:
-    """At most `per_second` log lines of one kind a second: bad traffic must not flood the log."""
+    """At most `per_second` events of one kind a second: bad traffic must not flood the log."""
 
     def __init__(self, per_second: int = 10) -> None:
         self.per_second = per_second
@@ -103,6 +106,7 @@ class TFTPServer:
         self.sessions: Dict[Address, Session] = {}
         self._mtus: Dict[Tuple[str, str], Optional[int]] = {}
         self._bad = _LogBudget()
+        self._refusals = _LogBudget(REFUSALS_PER_SECOND)
         self.accepting = True
         self._drained: Optional[Deferred] = None
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
@@ -128,7 +132,9 @@ class TFTPServer:
             if self._bad.allow(self.reactor.seconds()):
                 log.info("Malformed datagram from {client}: {reason}", client=client, reason=str(e),
                          outcome="malformed")
-            if is_request:  # someone meant to ask for a file: tell them why not
+            if is_request and self._refusals.allow(self.reactor.seconds()):
+                # Someone meant to ask for a file: tell them why not (within a budget, since the
+                # ERROR is larger than the smallest malformed request: no amplifier for spoofers).
                 listener.reply(encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}"),
                                wire_client, local)
             return
