@@ -62,39 +62,31 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-@dataclass
-class TwistdServer:
-    """A running `twistd -n tftp-offload`: where it listens, its log, its process."""
+class Managed:
+    """A process a test started, with its twistd log: stopped by its PID only.
 
-    hosts: List[str]
-    port: int
-    root: Path
-    log_path: Path
+    Subclasses provide `proc` and `log_path`.
+    """
+
     proc: "subprocess.Popen[bytes]"
-    args: List[str] = field(default_factory=list)
+    log_path: Path
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    @property
-    def host(self) -> str:
-        return self.hosts[0]
-
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        """The whole log, oldest first: twistd rotates its log file every megabyte (x.log.1 is newer than x.log.2)."""
+        rotated = sorted(self.log_path.parent.glob(self.log_path.name + ".*"),
+                         key=lambda path: int(path.suffix[1:]) if path.suffix[1:].isdigit() else 0, reverse=True)
+        text = []
+        for path in [*rotated, self.log_path]:
+            with contextlib.suppress(FileNotFoundError):
+                text.append(path.read_text(errors="replace"))
+        return "".join(text)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
-
-    def assert_healthy(self) -> None:
-        """The process runs and its log holds no traceback."""
-        assert self.alive(), f"twistd exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
-        log = self.log()
-        assert "Traceback" not in log, log[-8000:]
 
     def stop(self, timeout: float = 20.0) -> Optional[int]:
         """SIGTERM to this process only, then wait (SIGKILL after `timeout`)."""
@@ -105,8 +97,30 @@ class TwistdServer:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-                raise AssertionError(f"twistd {self.proc.pid} ignored SIGTERM for {timeout} s") from None
+                raise AssertionError(f"process {self.proc.pid} ignored SIGTERM for {timeout} s") from None
         return self.proc.returncode
+
+
+@dataclass
+class TwistdServer(Managed):
+    """A running `twistd -n tftp-offload`: where it listens, its log, its process."""
+
+    hosts: List[str]
+    port: int
+    root: Path
+    log_path: Path
+    proc: "subprocess.Popen[bytes]"
+    args: List[str] = field(default_factory=list)
+
+    @property
+    def host(self) -> str:
+        return self.hosts[0]
+
+    def assert_healthy(self) -> None:
+        """The process runs and its log holds no traceback."""
+        assert self.alive(), f"twistd exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+        log = self.log()
+        assert "Traceback" not in log, log[-8000:]
 
 
 StartServer = Callable[..., TwistdServer]

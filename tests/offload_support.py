@@ -6,10 +6,8 @@ chosen with --reactor after collection starts).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import pytest
-from harness import REPO, TwistdServer, free_udp_port, listen_arg, twistd_command, wait_until_serving
+from harness import REPO, Managed, TwistdServer, free_udp_port, listen_arg, twistd_command, wait_until_serving
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import context
 from zope.interface import implementer
@@ -170,7 +168,7 @@ async def turn(seconds: float = 0.0) -> None:
 
 
 @dataclass
-class Process:
+class Process(Managed):
     """A twistd process we started: its command, log and PID (stopped by PID only)."""
 
     cmd: List[str]
@@ -178,34 +176,6 @@ class Process:
     proc: "subprocess.Popen[bytes]"
     env: Dict[str, str] = field(default_factory=dict)
     cwd: Optional[Path] = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        """The whole log, oldest first: twistd rotates its log file every megabyte (x.log.1 is newer than x.log.2)."""
-        rotated = sorted(self.log_path.parent.glob(self.log_path.name + ".*"),
-                         key=lambda path: int(path.suffix[1:]) if path.suffix[1:].isdigit() else 0, reverse=True)
-        text = []
-        for path in [*rotated, self.log_path]:
-            with contextlib.suppress(FileNotFoundError):
-                text.append(path.read_text(errors="replace"))
-        return "".join(text)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> Optional[int]:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-                raise AssertionError(f"{self.cmd} ignored SIGTERM for {timeout} s") from None
-        return self.proc.returncode
 
 
 def _env() -> Dict[str, str]:

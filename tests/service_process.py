@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
+from harness import Managed
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,8 +65,8 @@ def bound_socket(host: str) -> socket.socket:
     return sock
 
 
-class Twistd:
-    """One `twistd -n tftp-offload` process, its log, and how it ended."""
+class Twistd(Managed):
+    """One `twistd -n tftp-offload` process, its log, and how it ended (a clean one, checked)."""
 
     def __init__(self, proc: "subprocess.Popen[bytes]", log_path: Path, port: int) -> None:
         self.proc = proc
@@ -73,16 +74,6 @@ class Twistd:
         self.port = port
         self.stopped_after: Optional[float] = None
         """Seconds from SIGTERM to the process's exit, once stop() has seen it."""
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
         end = time.monotonic() + timeout
@@ -120,7 +111,8 @@ class Twistd:
         assert "Traceback" not in log, log[-8000:]
         return self.stopped_after
 
-    def stop(self, timeout: float = 20.0) -> float:
+    def stop(self, timeout: float = 20.0) -> float:  # type: ignore[override]
+        """Unlike Managed.stop, insists on a clean exit and returns how long it took."""
         return self.wait_exit(self.terminate(), timeout)
 
     def kill_if_running(self) -> None:
