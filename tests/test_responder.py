@@ -58,8 +58,8 @@ def serve(sock_dir: str) -> Iterator[Start]:
             pytest_twisted.blockon(maybeDeferred(service.stopService))
 
 
-def request(client: amp.AMP, name: bytes, remote: str = "10.0.0.9", options: Any = ()) -> Deferred:
-    return client.callRemote(offload.ReadRequest, request_id=7, local_ip="10.0.0.1", local_port=69,
+def request(client: amp.AMP, name: bytes, remote: str = "192.0.2.9", options: Any = ()) -> Deferred:
+    return client.callRemote(offload.ReadRequest, request_id=7, local_ip="192.0.2.1", local_port=69,
                              remote_ip=remote, remote_port=2000, filename=name, mode="octet",
                              options=[{"name": k, "value": v} for k, v in options])
 
@@ -200,7 +200,7 @@ async def test_backend_sees_the_request_in_context(serve: Start) -> None:
     backend = FakeBackend({b"f": Reader(b"x")})
     _, client = await serve(backend)
     await request(client, b"f", remote="2001:db8::7", options=[("tsize", "0"), ("blksize", "1468")])
-    assert backend.calls == [{"name": b"f", "local": ("10.0.0.1", 69), "remote": ("2001:db8::7", 2000),
+    assert backend.calls == [{"name": b"f", "local": ("192.0.2.1", 69), "remote": ("2001:db8::7", 2000),
                               "mode": "octet", "options": {"tsize": "0", "blksize": "1468"}}]
 
 
@@ -389,8 +389,8 @@ async def test_passed_descriptors_are_not_leaked(serve: Start, tmp_path: Any) ->
 async def test_transfer_reports_reach_the_backend(serve: Start) -> None:
     backend = FakeBackend({})
     _, client = await serve(backend)
-    report = {"request_id": 3, "outcome": "complete", "filename": b"f", "local_ip": "10.0.0.1", "local_port": 69,
-              "remote_ip": "10.0.0.9", "remote_port": 2000, "bytes": 1234, "duration": 0.5, "blksize": 1468,
+    report = {"request_id": 3, "outcome": "complete", "filename": b"f", "local_ip": "192.0.2.1", "local_port": 69,
+              "remote_ip": "192.0.2.9", "remote_port": 2000, "bytes": 1234, "duration": 0.5, "blksize": 1468,
               "windowsize": 16, "retransmits": 2, "client_error": None}
     client.callRemote(offload.TransferFinished, **report)
     await wait_for(lambda: bool(backend.reports))
