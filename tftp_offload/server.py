@@ -313,6 +313,10 @@ class Session(DatagramProtocol):
         else:
             self._got_reader(result)
 
+    def _reply_error(self, code: int, message: str) -> None:
+        """An ERROR before the transfer has a port of its own: from the listener, from the RRQ's address."""
+        self.listener.reply(encode_error(code, message), self.wire_client, self.local)
+
     def _lookup_timed_out(self) -> None:
         self._timer = None
         if self.outcome is None:
@@ -332,7 +336,7 @@ class Session(DatagramProtocol):
         else:
             log.failure("Backend failed on {file!r} from {client}", failure=failure,
                         file=self.request.filename, client=self.client, outcome="backend-error")
-        self.listener.reply(encode_error(code, message), self.wire_client, self.local)
+        self._reply_error(code, message)
         self._end("refused")
 
     def _got_reader(self, reader: Any) -> None:
@@ -355,8 +359,7 @@ class Session(DatagramProtocol):
         except Exception:
             log.failure("Could not start a transfer of {file!r} to {client}", file=request.filename,
                         client=self.client)
-            self.listener.reply(encode_error(ErrorCode.NOT_DEFINED, "Internal server error"),
-                                self.wire_client, self.local)
+            self._reply_error(ErrorCode.NOT_DEFINED, "Internal server error")
             self._end("aborted")
             return
         self._port = port
@@ -457,7 +460,7 @@ class Session(DatagramProtocol):
             if self.engine is not None:
                 self._send([self.engine.abort(message)])
             else:
-                self.listener.reply(encode_error(ErrorCode.NOT_DEFINED, message), self.wire_client, self.local)
+                self._reply_error(ErrorCode.NOT_DEFINED, message)
         # A lookup still running is left to finish: _got_reader finishes a late reader, and
         # _lookup_failed sees the outcome and stays quiet.
         self._end(outcome)
