@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import List
+from typing import List, Tuple
 
 import pytest
 import pytest_twisted
@@ -16,6 +16,7 @@ import tftp_client as wire
 from harness import free_udp_port
 from inprocess import (
     Backend,
+    Peer,
     Serving,
     download,
     get_reactor,
@@ -29,6 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 
 from tftp_offload.service import TFTPOffloadService
+from tftp_offload.udp import Address
 
 FILE = os.urandom(3000)
 
@@ -49,15 +51,22 @@ async def test_addresses_tell_the_ports_the_kernel_picked(serve: Serving) -> Non
 # ---------------------------------------------------------------------- drain --
 
 
-@pytest_twisted.ensureDeferred
-async def test_stop_lets_a_running_transfer_finish(serve: Serving) -> None:
-    backend = Backend({b"file": FILE})
-    service = serve(backend, drain_timeout=2.0)
+async def transfer_running(serve: Serving, backend: Backend, drain_timeout: float) -> Tuple[
+        TFTPOffloadService, Address, Peer, bytes, Address]:
+    """A service with one transfer under way: its DATA 1 received, not yet ACKed."""
+    service = serve(backend, drain_timeout=drain_timeout)
     server = ("127.0.0.1", port_of(service))
     peer = serve.peer()
     peer.send(wire.rrq(b"file"), server)
     first, tid = await peer.recv()
     assert opcode(first) == wire.DATA
+    return service, server, peer, first, tid
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_lets_a_running_transfer_finish(serve: Serving) -> None:
+    backend = Backend({b"file": FILE})
+    service, server, peer, first, tid = await transfer_running(serve, backend, drain_timeout=2.0)
 
     reactor = get_reactor()
     started = reactor.seconds()
@@ -81,12 +90,7 @@ async def test_stop_lets_a_running_transfer_finish(serve: Serving) -> None:
 @pytest_twisted.ensureDeferred
 async def test_stop_aborts_a_stalled_transfer_after_the_drain_timeout(serve: Serving) -> None:
     backend = Backend({b"file": FILE})
-    service = serve(backend, drain_timeout=0.2)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
-    peer.send(wire.rrq(b"file"), server)
-    first, tid = await peer.recv()
-    assert opcode(first) == wire.DATA
+    service, server, peer, _first, tid = await transfer_running(serve, backend, drain_timeout=0.2)
 
     reactor = get_reactor()
     started = reactor.seconds()
