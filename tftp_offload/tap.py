@@ -10,9 +10,10 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.python import usage
 
 from .activation import inherited_datagram_sockets
-from .backends.directory import DirectoryBackend
+from .backends.directory import PER_CLIENT, DirectoryBackend
 from .interfaces import IBackend
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
+from .remap import MapFileError, RuleSet
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
 
@@ -81,6 +82,9 @@ class Options(usage.Options):
         ["rollover", None, 0, "Block number after 65535: 0 or 1.", _number(int, 0, 1, "--rollover")],
         ["max-sessions", None, 1000, "Transfers (and backend lookups) at once; further requests are "
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
+        ["map-file", "m", None, "With --root: rewrite requested names by the rules in this file (tftpd-hpa's "
+         "--map-file syntax; reread on SIGHUP). Try them with tftp-offload-map-test."],
+        ["root-per-client", None, None, "With --root: 'ip' serves ROOT/<client address>/ first, then ROOT/."],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
     ]
@@ -103,6 +107,7 @@ class Options(usage.Options):
                                    "(ask a backend)")
         if self["root"] is not None and not os.path.isdir(self["root"]):
             raise usage.UsageError(f"--root {self['root']!r} is not a directory")
+        self.check_directory_options()
         if self["protocol"] not in PROTOCOLS:
             raise usage.UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {self['protocol']!r}")
         self.inherited = inherited_datagram_sockets()
@@ -111,11 +116,28 @@ class Options(usage.Options):
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
 
+    def check_directory_options(self) -> None:
+        """--map-file and --root-per-client: one line for what is wrong, before anything starts."""
+        for name in ("map-file", "root-per-client"):
+            if self[name] is not None and self["root"] is None:
+                raise usage.UsageError(f"--{name} works with --root only (a --socket backend decides names itself)")
+        per_client = self["root-per-client"]
+        if per_client == "mac":
+            raise usage.UsageError("--root-per-client mac is not supported (no neighbour-table lookup); use "
+                                   "--root-per-client ip, or a --map-file rule with \\i or \\x")
+        if per_client not in (None, *PER_CLIENT):
+            raise usage.UsageError(f"--root-per-client must be {' or '.join(PER_CLIENT)}, not {per_client!r}")
+        if self["map-file"] is not None:
+            try:
+                RuleSet.load(self["map-file"])
+            except MapFileError as e:
+                raise usage.UsageError(f"--map-file {e}") from None
+
 
 def make_backend(options: Options) -> IBackend:
     """The backend the options name. One that provides `IService` is started and stopped with us."""
     if options["root"] is not None:
-        return DirectoryBackend(options["root"])
+        return DirectoryBackend(options["root"], options["map-file"], options["root-per-client"])
     if options["protocol"] == "legacy":
         from .backends.legacy import LegacyBackend
 
@@ -150,6 +172,29 @@ class AbortOnSecondSignal(Service):
             signal.signal(signum, again)
 
 
+class ReloadOnHangup(Service):
+    """Under twistd, SIGHUP rereads the --map-file, as tftpd-hpa does (without us it would end the process)."""
+
+    def __init__(self, reload: Callable[[], object]) -> None:
+        self.reload = reload
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        def hangup(signum: int, frame: Any) -> None:
+            reactor.callFromThread(self.reload)  # type: ignore[attr-defined]
+
+        self._previous = signal.signal(signal.SIGHUP, hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+
 def makeService(options: Options) -> IService:
     limits = Limits(
         max_blksize=options["max-blksize"],
@@ -175,5 +220,7 @@ def makeService(options: Options) -> IService:
         inherited=options.inherited,
     )
     tftp.setServiceParent(top)
+    if isinstance(backend, DirectoryBackend) and backend.map_file is not None:
+        ReloadOnHangup(backend.reload).setServiceParent(top)
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
     return top

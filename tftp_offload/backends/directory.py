@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from typing import List, Optional
 
 from twisted.logger import Logger
+from twisted.python import context
 from zope.interface import implementer
 
 from ..errors import AccessViolation, FileNotFound, Unsupported
 from ..interfaces import IBackend
 from ..readers import FileReader, open_regular
+from ..remap import MapFileError, RuleSet
 
-log = Logger()
+log = Logger(namespace="tftp_offload")
+
+PER_CLIENT = ("ip",)
+"""What `per_client` may name: the client's address (dnsmasq's `--tftp-unique-root=ip`)."""
 
 
 @implementer(IBackend)
@@ -24,13 +31,53 @@ class DirectoryBackend:
     so `..`, symlinks pointing out and absolute escapes are all refused alike.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, map_file: Optional[str] = None, per_client: Optional[str] = None) -> None:
+        """`map_file`: tftpd-hpa-style rewrite rules (`tftp_offload.remap`), applied to each name
+        first; `per_client="ip"`: look in `root/<client address>/` before `root/`."""
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise ValueError(f"not a directory: {root}")
+        if per_client not in (None, *PER_CLIENT):
+            raise ValueError(f"per_client must be one of {', '.join(PER_CLIENT)}, not {per_client!r}")
+        self.per_client = per_client
+        self.map_file = map_file
+        self.rules: Optional[RuleSet] = RuleSet.load(map_file) if map_file else None
 
-    def resolve(self, file_name: bytes) -> str:
-        """The canonical path `file_name` names inside the root, or raise."""
+    def reload(self) -> bool:
+        """Read `map_file` again (on SIGHUP); a file that fails keeps the rules in force, with one line why."""
+        if self.map_file is None:
+            return False
+        try:
+            self.rules = RuleSet.load(self.map_file)
+        except MapFileError as e:
+            log.warn("Kept the previous rewrite rules: {error}", error=str(e))
+            return False
+        log.info("Loaded {count} rewrite rules from {map_file}", count=len(self.rules.rules), map_file=self.map_file)
+        return True
+
+    def locate(self, file_name: bytes, client: Optional[str] = None, local: Optional[str] = None) -> str:
+        """The canonical path a request from `client` (to `local`) for `file_name` gets, or raise.
+
+        Rules rewrite the name first; the result is confined like any name.
+        With per-client roots, a file missing from the client's directory is
+        looked for in the root, where other clients' directories are not served.
+        """
+        if self.rules is not None:
+            file_name = self.rules.rewrite(file_name, client or "")
+        if self.per_client is None or not client:
+            return self.resolve(file_name)
+        for directory in client_directories(client, local):
+            path = self.resolve(file_name, directory)
+            if os.path.lexists(path):
+                return path
+        path = self.resolve(file_name)
+        first = path[len(self.root):].lstrip("/").split("/", 1)[0]
+        if client_directories(first, None):
+            raise FileNotFound("File not found")  # another client's directory
+        return path
+
+    def resolve(self, file_name: bytes, directory: Optional[str] = None) -> str:
+        """The canonical path `file_name` names inside the root (in its `directory`, if given), or raise."""
         if b"\0" in file_name:
             raise AccessViolation("Access violation: NUL in filename")
         name = os.fsdecode(file_name.replace(b"\\", b"/"))
@@ -39,16 +86,37 @@ class DirectoryBackend:
             raise AccessViolation("Access violation: '..' in filename")
         if not parts:
             raise FileNotFound("File not found")
-        path = os.path.realpath(os.path.join(self.root, *parts))
+        path = os.path.realpath(os.path.join(self.root, *([directory] if directory else []), *parts))
         if path != self.root and not path.startswith(self.root.rstrip("/") + "/"):
             raise AccessViolation("Access violation: path leaves the served directory")
         return path
 
     def get_reader(self, file_name: bytes) -> FileReader:
-        path = self.resolve(file_name)
+        remote = context.get("remote")
+        local = context.get("local")
+        path = self.locate(file_name, remote[0] if remote else None, local[0] if local else None)
         # The canonical path has no link left unless one was swapped in since: do not follow one.
         fd = open_regular(path, follow_symlinks=False)
         return FileReader(fd)
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")
+
+
+def client_directories(client: str, local: Optional[str]) -> List[str]:
+    """The names a client's directory may have, most specific first; none if `client` is no address.
+
+    IPv4 as dotted quad (an IPv4-mapped IPv6 peer included), IPv6 compressed.
+    A link-local address is unique only on its link: `fe80::1%eth0` (the
+    interface the request came in on) is tried before `fe80::1`.
+    """
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return []
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    names = [str(address)]
+    if address.is_link_local and isinstance(address, ipaddress.IPv6Address) and local and "%" in local:
+        names.insert(0, f"{address}%{local.split('%', 1)[1]}")
+    return names
