@@ -188,7 +188,7 @@ class TFTPServer:
             pass
         if len(self._mtus) >= MTU_CACHE_SIZE:
             self._mtus.clear()
-        mtu = self._mtus[key] = path_mtu(local.split("%", 1)[0], peer)
+        mtu = self._mtus[key] = path_mtu(local, peer)  # a link-local local keeps its %scope
         return mtu
 
     def forget(self, session: "Session") -> None:

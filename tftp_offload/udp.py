@@ -65,6 +65,22 @@ def _is_wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::")
 
 
+def bind_address(host: str, port: int) -> tuple:
+    """What bind() needs for `host`: Python's ignores a scope written in the string (fe80::1%eth0
+    fails with EINVAL), so a scoped address becomes (host, port, 0, scope id)."""
+    if "%" not in host:
+        return (host, port)
+    return socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)[0][4]
+
+
+def _interface_name(ifindex: int) -> str:
+    """`eth0` for its index: a link-local address is written `fe80::1%eth0`, as `ip` shows it."""
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:  # gone since the datagram arrived
+        return str(ifindex)
+
+
 class RequestPort(udp.Port):
     """A listening UDP port that hands its protocol `(datagram, client, local address, arrival)`.
 
@@ -90,6 +106,18 @@ class RequestPort(udp.Port):
         self._preexistingSocket = skt  # type: ignore[attr-defined,assignment]
         self._enable_ancillary(skt)
         return self
+
+    def startListening(self) -> None:
+        if "%" in self.interface and self._preexistingSocket is None:  # type: ignore[has-type]
+            # udp.Port binds (interface, port), which loses a link-local address's scope.
+            skt = self.createInternetSocket()
+            try:
+                skt.bind(bind_address(self.interface, self.port))
+            except OSError as e:
+                skt.close()
+                raise CannotListenError(self.interface, self.port, e) from e
+            self._preexistingSocket = skt  # type: ignore[assignment]
+        super().startListening()
 
     def createInternetSocket(self) -> socket.socket:
         skt = super().createInternetSocket()
@@ -144,7 +172,7 @@ class RequestPort(udp.Port):
                 else:
                     local = str(address)
                     if local.startswith("fe80:"):
-                        local = f"{local}%{ifindex}"
+                        local = f"{local}%{_interface_name(ifindex)}"
             elif level == socket.IPPROTO_IP and kind == IP_PKTINFO:
                 local = socket.inet_ntoa(_IN_PKTINFO.unpack_from(payload)[2])
             elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
@@ -160,10 +188,12 @@ class RequestPort(udp.Port):
             if not self._wildcard:
                 self.socket.sendto(datagram, client)
             elif self.addressFamily == socket.AF_INET6:
-                host = local.split("%", 1)[0]
+                host, _, scope = local.partition("%")
                 if "." in host and ":" not in host:
                     host = "::ffff:" + host
-                info = _IN6_PKTINFO.pack(socket.inet_pton(socket.AF_INET6, host), 0)
+                # A link-local source needs its interface: the client's address carries no scope.
+                ifindex = socket.if_nametoindex(scope) if scope and not scope.isdigit() else int(scope or 0)
+                info = _IN6_PKTINFO.pack(socket.inet_pton(socket.AF_INET6, host), ifindex)
                 self.socket.sendmsg([datagram], [(socket.IPPROTO_IPV6, IPV6_PKTINFO, info)], 0, client)
             else:
                 info = _IN_PKTINFO.pack(0, socket.inet_aton(local), b"\0" * 4)
@@ -190,7 +220,7 @@ class TransferPort(udp.Port):
         # As udp.Port's, less its log line: one port per transfer would log two lines each.
         try:
             skt = self.createInternetSocket()
-            skt.bind((self.interface, 0))
+            skt.bind(bind_address(self.interface, 0))
         except OSError as e:
             raise CannotListenError(self.interface, 0, e) from e
         self._realPortNumber = skt.getsockname()[1]
@@ -246,7 +276,7 @@ def path_mtu(local: str, peer: str) -> Optional[int]:
     family = socket.AF_INET6 if is_ipv6(peer) else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.bind((local, 0))
+            probe.bind(bind_address(local, 0))
             probe.connect((peer, 9))
             if family == socket.AF_INET6:
                 return int(probe.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
