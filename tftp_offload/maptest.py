@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None, stdin: TextIO = sys.stdin, stdout: Te
                         help="the client address \\i and \\x stand for (default: %(default)s)")
     parser.add_argument("--root", help="also print the file this served directory would send")
     parser.add_argument("--root-per-client", choices=PER_CLIENT, help="as the server's option, with --root")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         rules = RuleSet.load(args.map_file)
         backend = DirectoryBackend(args.root, args.map_file, args.root_per_client) if args.root else None
