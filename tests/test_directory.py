@@ -1,4 +1,5 @@
-"""The directory backend: what it serves, and every way out of the root it refuses."""
+"""The directory backend: what it serves, every way out of the root it refuses, rewrite rules
+(--map-file) and per-client roots (--root-per-client), in the backend and on a real twistd."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import tftp_client
+from harness import StartServer
+from twisted.python import context, usage
 from zope.interface.verify import verifyObject
 
 from tftp_offload.backends.directory import DirectoryBackend
 from tftp_offload.errors import AccessViolation, FileNotFound, Unsupported, error_for
 from tftp_offload.interfaces import IBackend, IReader
 from tftp_offload.readers import FileReader
+from tftp_offload.tap import Options
 
 
 def content_of(reader: FileReader) -> bytes:
@@ -258,3 +263,144 @@ def test_other_os_errors_are_not_disguised(backend: DirectoryBackend, monkeypatc
     code, message, expected = error_for(caught.value)
     assert (code, expected) == (0, False)
     assert "secret" not in message
+
+
+# ------------------------------------------------------- rewrite rules and per-client roots --
+
+
+def served_to(backend: DirectoryBackend, name: bytes, client: str, local: str = "192.0.2.10") -> bytes:
+    """What `backend` sends a request from `client`, in the context the server gives get_reader."""
+    ctx = {"remote": (client, 1024), "local": (local, 69), "mode": "octet", "options": {}}
+    return content_of(context.call(ctx, backend.get_reader, name))
+
+
+@pytest.fixture
+def per_client(root: Path) -> DirectoryBackend:
+    (root / "192.0.2.5").mkdir()
+    (root / "192.0.2.5" / "pxelinux.0").write_bytes(b"for 192.0.2.5")
+    (root / "2001:db8::5").mkdir()
+    (root / "2001:db8::5" / "pxelinux.0").write_bytes(b"for 2001:db8::5")
+    (root / "fe80::5%eth1").mkdir()
+    (root / "fe80::5%eth1" / "pxelinux.0").write_bytes(b"for fe80::5 on eth1")
+    (root / "fe80::5").mkdir()
+    (root / "fe80::5" / "pxelinux.0").write_bytes(b"for fe80::5 on any link")
+    return DirectoryBackend(str(root), per_client="ip")
+
+
+def test_per_client_directory_first(per_client: DirectoryBackend) -> None:
+    assert served_to(per_client, b"pxelinux.0", "192.0.2.5") == b"for 192.0.2.5"
+    assert served_to(per_client, b"/pxelinux.0", "2001:db8::5", "2001:db8::1") == b"for 2001:db8::5"
+    assert served_to(per_client, b"pxelinux.0", "::ffff:192.0.2.5") == b"for 192.0.2.5"  # as IPv4
+
+
+def test_per_client_falls_back_to_the_root(per_client: DirectoryBackend) -> None:
+    assert served_to(per_client, b"pxelinux.0", "192.0.2.6") == b"bootloader"
+    assert served_to(per_client, b"boot\\bcd", "192.0.2.5") == b"windows bcd"  # not in its directory
+
+
+def test_per_client_link_local_by_interface_then_address(per_client: DirectoryBackend) -> None:
+    assert served_to(per_client, b"pxelinux.0", "fe80::5", "fe80::1%eth1") == b"for fe80::5 on eth1"
+    assert served_to(per_client, b"pxelinux.0", "fe80::5", "fe80::1%eth2") == b"for fe80::5 on any link"
+
+
+def test_per_client_other_clients_directories_are_not_served(per_client: DirectoryBackend) -> None:
+    for name in (b"192.0.2.5/pxelinux.0", b"/2001:db8::5/pxelinux.0", b"fe80::5%eth1\\pxelinux.0"):
+        with pytest.raises(FileNotFound):
+            served_to(per_client, name, "192.0.2.6")
+
+
+def test_per_client_directory_confined_to_the_root(root: Path, tmp_path: Path) -> None:
+    """A client directory that is a link out of the root is refused, not followed (nor skipped)."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "pxelinux.0").write_bytes(b"outside")
+    (root / "192.0.2.7").symlink_to(tmp_path / "elsewhere")
+    (root / "group").mkdir()
+    (root / "group" / "pxelinux.0").write_bytes(b"the group's")
+    (root / "192.0.2.8").symlink_to("group")
+    backend = DirectoryBackend(str(root), per_client="ip")
+    with pytest.raises(AccessViolation):
+        served_to(backend, b"pxelinux.0", "192.0.2.7")
+    assert served_to(backend, b"pxelinux.0", "192.0.2.8") == b"the group's"
+    with pytest.raises(AccessViolation):
+        served_to(backend, b"../secret", "192.0.2.8")
+
+
+def test_per_client_without_a_request_context_serves_the_root(per_client: DirectoryBackend) -> None:
+    assert content_of(per_client.get_reader(b"pxelinux.0")) == b"bootloader"
+
+
+def test_per_client_mode_must_be_known(root: Path) -> None:
+    with pytest.raises(ValueError, match="per_client"):
+        DirectoryBackend(str(root), per_client="mac")
+
+
+def test_map_file_rewrites_before_confinement(root: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "tftp.map"
+    rules.write_bytes(b"rg \\\\ /\nr ^up$ ../secret\nr ^link$ /etc/passwd\nr ^(.*)\\.cfg$ \\i/\\1\n")
+    backend = DirectoryBackend(str(root), map_file=str(rules))
+    assert served_to(backend, b"boot\\deep\\file", "192.0.2.5") == b"deep"
+    with pytest.raises(AccessViolation):  # the rewritten name is confined like a requested one
+        served_to(backend, b"up", "192.0.2.5")
+    with pytest.raises(FileNotFound):
+        served_to(backend, b"link", "192.0.2.5")
+    (root / "192.0.2.5").mkdir()
+    (root / "192.0.2.5" / "x").write_bytes(b"by \\i")
+    assert served_to(backend, b"x.cfg", "192.0.2.5") == b"by \\i"
+
+
+def test_map_file_with_per_client_roots(per_client: DirectoryBackend, root: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "tftp.map"
+    rules.write_bytes(b"r ^boot.0$ pxelinux.0\n")
+    backend = DirectoryBackend(str(root), map_file=str(rules), per_client="ip")
+    assert served_to(backend, b"boot.0", "192.0.2.5") == b"for 192.0.2.5"
+    assert served_to(backend, b"boot.0", "192.0.2.9") == b"bootloader"
+
+
+def test_reload_keeps_the_rules_when_the_new_file_is_bad(root: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "tftp.map"
+    rules.write_bytes(b"r ^a$ pxelinux.0\n")
+    backend = DirectoryBackend(str(root), map_file=str(rules))
+    rules.write_bytes(b"r ^b$ pxelinux.0\n")
+    assert backend.reload() is True
+    assert served_to(backend, b"b", "192.0.2.5") == b"bootloader"
+    rules.write_bytes(b"r ^c$ pxelinux.0\nr [ x\n")
+    assert backend.reload() is False
+    assert served_to(backend, b"b", "192.0.2.5") == b"bootloader"
+    rules.unlink()
+    assert backend.reload() is False
+    assert served_to(backend, b"b", "192.0.2.5") == b"bootloader"
+
+
+def test_twistd_root_per_client(twistd_factory: StartServer, tmp_path: Path) -> None:
+    """On the wire: 127.0.0.1 gets its directory's file, ::1 its own, 127.0.0.2 the root's."""
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "hello.txt").write_bytes(b"hello\n")
+    (served / "who.txt").write_bytes(b"anyone\n")
+    for address in ("127.0.0.1", "::1"):
+        (served / address).mkdir()
+        (served / address / "who.txt").write_bytes(f"{address}\n".encode())
+    server = twistd_factory("--root-per-client", "ip", hosts=("127.0.0.1", "::1"), root=served)
+    assert tftp_client.get("127.0.0.1", server.port, b"who.txt").data == b"127.0.0.1\n"
+    assert tftp_client.get("::1", server.port, b"who.txt").data == b"::1\n"
+    assert tftp_client.get("127.0.0.1", server.port, b"hello.txt").data == b"hello\n"
+    assert tftp_client.get("127.0.0.1", server.port, b"::1/who.txt").error == (1, "File not found")
+    server.assert_healthy()
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--root-per-client", "mac"], "--root-per-client mac is not supported"),
+        (["--root-per-client", "hostname"], "--root-per-client must be ip, not 'hostname'"),
+        (["--socket", "/run/x.sock", "--root-per-client", "ip"], "--root-per-client works with --root only"),
+        (["--socket", "/run/x.sock", "--map-file", "/etc/tftp.map"], "--map-file works with --root only"),
+    ],
+)
+def test_per_client_and_map_file_option_errors(tmp_path: Path, args: List[str], complaint: str) -> None:
+    options = Options()
+    root_args = [] if "--socket" in args else ["--root", str(tmp_path)]
+    with pytest.raises(usage.UsageError) as caught:
+        options.parseOptions([*root_args, *args])
+    assert complaint in str(caught.value)
+    assert "\n" not in str(caught.value)
