@@ -303,3 +303,13 @@ def test_twistd_refuses_a_bad_map_file_in_one_line(tmp_path: Path, args: List[st
     assert done.returncode != 0
     assert complaint.format(**values) in done.stderr + done.stdout
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_help_and_readme_carry_the_options() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "tftp-offload",
+                           "--help"], capture_output=True, text=True, timeout=60, check=False, env=env)
+    readme = (REPO / "README.md").read_text()
+    for option in ("--map-file", "--root-per-client"):
+        assert f"{option}=" in done.stdout, done.stdout
+        assert f"| `{option} " in readme
