@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from typing import List, Optional
 
 from twisted.logger import Logger
@@ -16,6 +17,8 @@ from ..readers import FileReader, open_regular
 from ..remap import MapFileError, RuleSet
 
 log = Logger(namespace="tftp_offload")
+
+_ADDRESS_LIKE = re.compile(r"[0-9A-Fa-f.:]+(%|$)")
 
 PER_CLIENT = ("ip",)
 """What `per_client` may name: the client's address (dnsmasq's `--tftp-unique-root=ip`)."""
@@ -67,6 +70,8 @@ class DirectoryBackend:
         if self.per_client is None or not client:
             return self.resolve(file_name)
         for directory in client_directories(client, local):
+            if not os.path.isdir(os.path.join(self.root, directory)):
+                continue  # one stat: most clients of a shared root have no directory of their own
             path = self.resolve(file_name, directory)
             if os.path.lexists(path):
                 return path
@@ -110,6 +115,8 @@ def client_directories(client: str, local: Optional[str]) -> List[str]:
     A link-local address is unique only on its link: `fe80::1%eth0` (the
     interface the request came in on) is tried before `fe80::1`.
     """
+    if not _ADDRESS_LIKE.match(client):  # most names are not: skip ipaddress's slower refusal
+        return []
     try:
         address = ipaddress.ip_address(client.split("%", 1)[0])
     except ValueError:
