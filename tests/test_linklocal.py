@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,7 @@ from typing import Iterator
 import pytest
 from harness import REPO, twistd_command
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="needs root and iproute2 for network namespaces")
+from tftp_offload.udp import bind_address
 
 SERVER_ADDR = "fe80::1"
 CLIENT_ADDR = "fe80::2"
@@ -96,6 +96,8 @@ class Link:
 
 @pytest.fixture(scope="module")
 def link() -> Iterator[Link]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for network namespaces")
     made = Link()
     try:
         made.create()
@@ -195,3 +197,11 @@ def test_backend_sees_the_scope_as_an_interface_name(link: Link, served: Path, t
     assert done.returncode == 0, done.stderr
     assert out.read_bytes() == b"fe80::2 on the server's link\n"
 
+
+
+def test_bind_address_keeps_the_scope() -> None:
+    """Python's bind() drops a scope written in the address: it must become the scope id."""
+    assert bind_address("::1", 69) == ("::1", 69)
+    assert bind_address("fe80::1%lo", 69) == ("fe80::1", 69, 0, socket.if_nametoindex("lo"))
+    with pytest.raises(OSError, match="no interface named 'nosuch0'"):
+        bind_address("fe80::1%nosuch0", 69)

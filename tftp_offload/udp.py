@@ -70,7 +70,10 @@ def bind_address(host: str, port: int) -> tuple:
     fails with EINVAL), so a scoped address becomes (host, port, 0, scope id)."""
     if "%" not in host:
         return (host, port)
-    return socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)[0][4]
+    try:
+        return socket.getaddrinfo(host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)[0][4]
+    except socket.gaierror:
+        raise OSError(f"no interface named {host.partition('%')[2]!r}, or not an IPv6 address") from None
 
 
 def _interface_name(ifindex: int) -> str:

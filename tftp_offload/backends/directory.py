@@ -43,8 +43,8 @@ class DirectoryBackend:
         if per_client not in (None, *PER_CLIENT):
             raise ValueError(f"per_client must be one of {', '.join(PER_CLIENT)}, not {per_client!r}")
         self.per_client = per_client
-        self.map_file = map_file
-        self.rules: Optional[RuleSet] = RuleSet.load(map_file) if map_file else None
+        self.map_file = os.path.abspath(map_file) if map_file else None  # reread (SIGHUP) wherever we run
+        self.rules: Optional[RuleSet] = RuleSet.load(self.map_file) if self.map_file else None
 
     def reload(self) -> bool:
         """Read `map_file` again (on SIGHUP); a file that fails keeps the rules in force, with one line why."""
