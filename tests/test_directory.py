@@ -325,13 +325,27 @@ def test_per_client_directory_confined_to_the_root(root: Path, tmp_path: Path) -
         served_to(backend, b"../secret", "192.0.2.8")
 
 
+def test_per_client_mac(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By the MAC the neighbour table gives (tests/test_linklocal.py reads a real one)."""
+    (root / "52-54-00-12-34-56").mkdir()
+    (root / "52-54-00-12-34-56" / "pxelinux.0").write_bytes(b"for 52:54:00:12:34:56")
+    backend = DirectoryBackend(str(root), per_client="mac")
+    assert backend.neighbours is not None
+    known = {"192.0.2.5": "52-54-00-12-34-56"}
+    monkeypatch.setattr(backend.neighbours, "hardware_address", lambda client, local=None: known.get(client))
+    assert served_to(backend, b"pxelinux.0", "192.0.2.5") == b"for 52:54:00:12:34:56"
+    assert served_to(backend, b"pxelinux.0", "192.0.2.6") == b"bootloader"  # MAC unknown: the root
+    with pytest.raises(FileNotFound):  # another client's directory, through the root
+        served_to(backend, b"52-54-00-12-34-56/pxelinux.0", "192.0.2.6")
+
+
 def test_per_client_without_a_request_context_serves_the_root(per_client: DirectoryBackend) -> None:
     assert content_of(per_client.get_reader(b"pxelinux.0")) == b"bootloader"
 
 
 def test_per_client_mode_must_be_known(root: Path) -> None:
     with pytest.raises(ValueError, match="per_client"):
-        DirectoryBackend(str(root), per_client="mac")
+        DirectoryBackend(str(root), per_client="hostname")
 
 
 def test_map_file_rewrites_before_confinement(root: Path, tmp_path: Path) -> None:
@@ -391,8 +405,7 @@ def test_twistd_root_per_client(twistd_factory: StartServer, tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["--root-per-client", "mac"], "--root-per-client mac is not supported"),
-        (["--root-per-client", "hostname"], "--root-per-client must be ip, not 'hostname'"),
+        (["--root-per-client", "hostname"], "--root-per-client must be ip or mac, not 'hostname'"),
         (["--socket", "/run/x.sock", "--root-per-client", "ip"], "--root-per-client works with --root only"),
         (["--socket", "/run/x.sock", "--map-file", "/etc/tftp.map"], "--map-file works with --root only"),
     ],

@@ -4,7 +4,8 @@ clients (curl, tftp-hpa, a probe of our own) in another, joined by a veth pair.
 Checked: the server answers on `[fe80::1%IF]:PORT` and on `[::]:PORT`; every reply (DATA from
 the transfer port, ERROR from the listening port) leaves from fe80::1 on that link; the backend
 sees the local address as `fe80::1%IF` (an interface name, not an index): the per-client
-directory named after it is what the client gets. Traffic stays inside the namespaces.
+directory named after it is what the client gets. --root-per-client mac finds the client's MAC
+in the server's neighbour table, over IPv4 and link-local IPv6. Traffic stays inside the namespaces.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List
 
 import pytest
 from harness import REPO, twistd_command
@@ -27,6 +28,11 @@ from tftp_offload.udp import bind_address
 
 SERVER_ADDR = "fe80::1"
 CLIENT_ADDR = "fe80::2"
+SERVER_V4 = "192.0.2.1"  # documentation addresses, only inside the test's namespaces
+CLIENT_V4 = "192.0.2.2"
+SERVER_MAC = "02:00:00:00:00:01"
+CLIENT_MAC = "02:00:00:00:00:02"
+MAC_PORT = 6971
 PORT = 6969  # the namespaces are ours: no other process can hold these ports
 WILDCARD_PORT = 6970
 HELLO = b"Hello over a link-local address\n"
@@ -78,11 +84,13 @@ class Link:
             self.run("ip", "link", "set", "lo", "up", ns=ns)
         self.run("ip", "link", "add", self.server_if, "netns", self.server_ns,
                  "type", "veth", "peer", "name", self.client_if, "netns", self.client_ns)
-        for ns, name, address in ((self.server_ns, self.server_if, SERVER_ADDR),
-                                  (self.client_ns, self.client_if, CLIENT_ADDR)):
-            # No address of the kernel's making (and no DAD): only the one the test names.
-            self.run("ip", "link", "set", name, "addrgenmode", "none", ns=ns)
+        for ns, name, address, v4, mac in (
+                (self.server_ns, self.server_if, SERVER_ADDR, SERVER_V4, SERVER_MAC),
+                (self.client_ns, self.client_if, CLIENT_ADDR, CLIENT_V4, CLIENT_MAC)):
+            # No address of the kernel's making (and no DAD): only the ones the test names.
+            self.run("ip", "link", "set", name, "address", mac, "addrgenmode", "none", ns=ns)
             self.run("ip", "addr", "add", f"{address}/64", "dev", name, "nodad", ns=ns)
+            self.run("ip", "addr", "add", f"{v4}/24", "dev", name, ns=ns)
             self.run("ip", "link", "set", name, "up", ns=ns)
 
     def delete(self) -> None:
@@ -116,22 +124,31 @@ def served(link: Link, tmp_path_factory: pytest.TempPathFactory, request: pytest
     (root / "who.txt").write_bytes(b"everyone\n")
     (root / f"{CLIENT_ADDR}%{link.server_if}").mkdir()
     (root / f"{CLIENT_ADDR}%{link.server_if}" / "who.txt").write_bytes(b"fe80::2 on the server's link\n")
+    args = ["--root", str(root), "--root-per-client", "ip",
+            "--listen", f"[{SERVER_ADDR}%{link.server_if}]:{PORT}", "--listen", f"[::]:{WILDCARD_PORT}"]
+    with twistd_in(link, args, tmp_path_factory, request, listeners=2) as log_path:
+        yield root
+    assert f"Serving TFTP on [{SERVER_ADDR}%{link.server_if}]:{PORT}" in log_path.read_text()
+
+
+@contextlib.contextmanager
+def twistd_in(link: Link, args: List[str], tmp_path_factory: pytest.TempPathFactory,
+              request: pytest.FixtureRequest, listeners: int) -> Iterator[Path]:
+    """A twistd running `args` in the server namespace until the block ends; yields its log's path."""
     workdir = tmp_path_factory.mktemp("twistd")
     log_path = workdir / "twistd.log"
     reactor = str(request.config.getoption("reactor", "default"))
-    args = ["--root", str(root), "--root-per-client", "ip",
-            "--listen", f"[{SERVER_ADDR}%{link.server_if}]:{PORT}", "--listen", f"[::]:{WILDCARD_PORT}"]
     cmd = ["ip", "netns", "exec", link.server_ns, *twistd_command(args, log_path, workdir / "pid", reactor)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     with (workdir / "stdout").open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
         end = time.monotonic() + 20
-        while not log_path.exists() or log_path.read_text().count("Serving TFTP on") < 2:
+        while not log_path.exists() or log_path.read_text().count("Serving TFTP on") < listeners:
             assert proc.poll() is None, (workdir / "stdout").read_text()
             assert time.monotonic() < end, "twistd did not start listening"
             time.sleep(0.05)
-        yield root
+        yield log_path
     finally:
         if proc.poll() is None:
             proc.terminate()  # our own process, by its PID
@@ -142,7 +159,6 @@ def served(link: Link, tmp_path_factory: pytest.TempPathFactory, request: pytest
             proc.wait(5)
     log = log_path.read_text()
     assert "Traceback" not in log, log[-6000:]
-    assert f"Serving TFTP on [{SERVER_ADDR}%{link.server_if}]:{PORT}" in log, log
 
 
 def probe(link: Link, port: int, name: str) -> dict:
@@ -205,3 +221,33 @@ def test_bind_address_keeps_the_scope() -> None:
     assert bind_address("fe80::1%lo", 69) == ("fe80::1", 69, 0, socket.if_nametoindex("lo"))
     with pytest.raises(OSError, match="no interface named 'nosuch0'"):
         bind_address("fe80::1%nosuch0", 69)
+
+
+@pytest.fixture(scope="module")
+def served_by_mac(link: Link, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> Iterator[Path]:
+    """twistd with --root-per-client mac on [::]:6971 (IPv4 too), a directory for the client's MAC."""
+    root = tmp_path_factory.mktemp("root")
+    (root / "who.txt").write_bytes(b"everyone\n")
+    (root / "hello.txt").write_bytes(HELLO)
+    (root / CLIENT_MAC.replace(":", "-")).mkdir()
+    (root / CLIENT_MAC.replace(":", "-") / "who.txt").write_bytes(b"02:00:00:00:00:02\n")
+    with twistd_in(link, ["--root", str(root), "--root-per-client", "mac", "--listen", f"[::]:{MAC_PORT}"],
+                   tmp_path_factory, request, listeners=1):
+        yield root
+
+
+@pytest.mark.parametrize("host", [CLIENT_V4, "link-local"])
+def test_root_per_client_mac(link: Link, served_by_mac: Path, tmp_path: Path, host: str) -> None:
+    """The client's MAC comes from the server's neighbour table, learnt from its ARP or NDP."""
+    server = SERVER_V4 if host == CLIENT_V4 else f"[{SERVER_ADDR}%25{link.client_if}]"
+    for name, expected in (("who.txt", b"02:00:00:00:00:02\n"), ("hello.txt", HELLO),
+                           (f"{CLIENT_MAC.replace(':', '-')}/who.txt", None)):
+        out = tmp_path / name.replace("/", "_")
+        done = link.client("curl", "-sS", "-g", "--max-time", "20", "-o", str(out),
+                           f"tftp://{server}:{MAC_PORT}/{name}")
+        if expected is None:  # its own directory, asked for by name through the root: not served
+            assert done.returncode == 68, done.stderr  # curl: TFTP file not found
+        else:
+            assert done.returncode == 0, done.stderr
+            assert out.read_bytes() == expected

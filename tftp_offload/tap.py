@@ -84,7 +84,8 @@ class Options(usage.Options):
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
         ["map-file", "m", None, "With --root: rewrite requested names by the rules in this file (tftpd-hpa's "
          "--map-file syntax; reread on SIGHUP). Try them with tftp-offload-map-test."],
-        ["root-per-client", None, None, "With --root: 'ip' serves ROOT/<client address>/ first, then ROOT/."],
+        ["root-per-client", None, None, "With --root: 'ip' serves ROOT/<client address>/ first, then ROOT/; "
+         "'mac' ROOT/<client MAC>/ (52-54-00-12-34-56, from the kernel's neighbour table)."],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
     ]
@@ -122,9 +123,6 @@ class Options(usage.Options):
             if self[name] is not None and self["root"] is None:
                 raise usage.UsageError(f"--{name} works with --root only (a --socket backend decides names itself)")
         per_client = self["root-per-client"]
-        if per_client == "mac":
-            raise usage.UsageError("--root-per-client mac is not supported (no neighbour-table lookup); use "
-                                   "--root-per-client ip, or a --map-file rule with \\i or \\x")
         if per_client not in (None, *PER_CLIENT):
             raise usage.UsageError(f"--root-per-client must be {' or '.join(PER_CLIENT)}, not {per_client!r}")
         if self["map-file"] is not None:

@@ -13,15 +13,17 @@ from zope.interface import implementer
 
 from ..errors import AccessViolation, FileNotFound, Unsupported
 from ..interfaces import IBackend
+from ..neighbours import NeighbourTable
 from ..readers import FileReader, open_regular
 from ..remap import MapFileError, RuleSet
 
 log = Logger(namespace="tftp_offload")
 
 _ADDRESS_LIKE = re.compile(r"[0-9A-Fa-f.:]+(%|$)")
+_MAC = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
 
-PER_CLIENT = ("ip",)
-"""What `per_client` may name: the client's address (dnsmasq's `--tftp-unique-root=ip`)."""
+PER_CLIENT = ("ip", "mac")
+"""What `per_client` may name: the client's address or its MAC (dnsmasq's `--tftp-unique-root`)."""
 
 
 @implementer(IBackend)
@@ -36,13 +38,15 @@ class DirectoryBackend:
 
     def __init__(self, root: str, map_file: Optional[str] = None, per_client: Optional[str] = None) -> None:
         """`map_file`: tftpd-hpa-style rewrite rules (`tftp_offload.remap`), applied to each name
-        first; `per_client="ip"`: look in `root/<client address>/` before `root/`."""
+        first; `per_client`: look in `root/<client address>/` ("ip") or `root/<client MAC>/`
+        ("mac", `52-54-00-12-34-56`) before `root/`."""
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise ValueError(f"not a directory: {root}")
         if per_client not in (None, *PER_CLIENT):
             raise ValueError(f"per_client must be one of {', '.join(PER_CLIENT)}, not {per_client!r}")
         self.per_client = per_client
+        self.neighbours = NeighbourTable() if per_client == "mac" else None
         self.map_file = os.path.abspath(map_file) if map_file else None  # reread (SIGHUP) wherever we run
         self.rules: Optional[RuleSet] = RuleSet.load(self.map_file) if self.map_file else None
 
@@ -69,7 +73,12 @@ class DirectoryBackend:
             file_name = self.rules.rewrite(file_name, client or "")
         if self.per_client is None or not client:
             return self.resolve(file_name)
-        for directory in client_directories(client, local):
+        if self.neighbours is not None:
+            mac = self.neighbours.hardware_address(client, local)
+            directories = [mac] if mac else []
+        else:
+            directories = client_directories(client, local)
+        for directory in directories:
             if not os.path.isdir(os.path.join(self.root, directory)):
                 continue  # one stat: most clients of a shared root have no directory of their own
             path = self.resolve(file_name, directory)
@@ -77,7 +86,7 @@ class DirectoryBackend:
                 return path
         path = self.resolve(file_name)
         first = path[len(self.root):].lstrip("/").split("/", 1)[0]
-        if client_directories(first, None):
+        if _MAC.match(first) or client_directories(first, None):
             raise FileNotFound("File not found")  # another client's directory
         return path
 
