@@ -15,6 +15,7 @@ from .interfaces import IBackend
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
+from .startup import StartupError, check_listen, check_root, fail, resolve, version
 
 PROTOCOLS = ("amp", "legacy")
 
@@ -24,13 +25,20 @@ def parse_listen(text: str) -> Tuple[str, int]:
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
+            if text.endswith("]") and ":" in text:
+                raise usage.UsageError(f"--listen {text}: the port is missing: --listen {text}:69 (or another port)")
             raise usage.UsageError(f"--listen {text!r}: expected [IPV6ADDRESS]:PORT")
     elif ":" in text:
         host, _, port = text.rpartition(":")
         if ":" in host:
             raise usage.UsageError(f"--listen {text!r}: put an IPv6 address in brackets: [{host}]:{port}")
+    elif text and not text.isdigit():
+        # "127.0.0.1", "tftp.example": an address or a name, without a port
+        raise usage.UsageError(f"--listen {text}: the port is missing: --listen {text}:69 (or another port)")
     else:
         host, port = "", text
+    if not port and host:
+        raise usage.UsageError(f"--listen {text}: the port is missing: --listen {text}69 (or another port)")
     if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # "²".isdigit() too
         raise usage.UsageError(f"--listen {text!r}: port must be a number from 0 to 65535")
     return host or "::", int(port)
@@ -64,10 +72,10 @@ class Options(usage.Options):
     optParameters = [
         ["root", "r", None, "Serve files from this directory."],
         ["socket", "s", None, "Ask the backend listening on this UNIX socket what to serve."],
-        ["protocol", None, "amp", f"What the --socket backend speaks: {' or '.join(PROTOCOLS)} "
-         "(the MAAS 2.2-3.4 offload format)."],
-        ["backend-timeout", None, LOOKUP_TIMEOUT, "Seconds a backend may take to answer a request; "
-         "then the client gets an error.", _number(float, 0.1, 60, "--backend-timeout")],
+        ["protocol", None, None, f"What the --socket backend speaks: {' or '.join(PROTOCOLS)} "
+         "(the MAAS 2.2-3.4 offload format). [default: amp]"],
+        ["backend-timeout", None, None, "Seconds a --socket backend may take to answer a request; "
+         f"then the client gets an error. [default: {LOOKUP_TIMEOUT}]", _number(float, 0.1, 60, "--backend-timeout")],
         ["max-blksize", None, MAX_BLKSIZE, "Largest block size granted (RFC 2348); the path MTU also caps it.",
          _number(int, MIN_BLKSIZE, MAX_BLKSIZE, "--max-blksize")],
         ["max-windowsize", None, 64, "Largest window granted, in blocks (RFC 7440).",
@@ -88,14 +96,29 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self.listen: List[Tuple[str, int]] = []
+        self._listen_text: List[Tuple[str, Tuple[str, int]]] = []
         self.inherited: List[Tuple[int, int]] = []
 
     def opt_listen(self, value: str) -> None:
-        """HOST:PORT or [IPV6]:PORT to listen on; repeat for more (default: the sockets systemd passed
-        (socket activation), else [::]:69, all addresses)."""
-        self.listen.append(parse_listen(value))
+        """HOST:PORT or [IPV6]:PORT to listen on (a host name means each of its addresses); repeat for
+        more (default: the sockets systemd passed (socket activation), else [::]:69, all addresses)."""
+        self._listen_text.append((value, parse_listen(value)))
 
     opt_l = opt_listen
+
+    def opt_version(self) -> None:
+        """Print tftp-offload's version (and Twisted's) and exit."""
+        print(version())
+        raise SystemExit(0)
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Under twistd (a subcommand has a parent), a mistake is one line on stderr and exit status 1."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise  # a library caller or a test: let it see the error
+            fail(str(e) if isinstance(e, StartupError) else f"{e} (twistd tftp-offload --help lists the options)")
 
     def postOptions(self) -> None:
         if (self["root"] is None) == (self["socket"] is None):
@@ -103,11 +126,23 @@ class Options(usage.Options):
                                    "(ask a backend)")
         if self["root"] is not None and not os.path.isdir(self["root"]):
             raise usage.UsageError(f"--root {self['root']!r} is not a directory")
+        if self["root"] is not None:
+            for name in ("protocol", "backend-timeout"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} is for a --socket backend; --root serves a directory itself: "
+                                           f"drop --{name} {self[name]}")
+        self["protocol"] = self["protocol"] or "amp"
+        self["backend-timeout"] = self["backend-timeout"] or LOOKUP_TIMEOUT
         if self["protocol"] not in PROTOCOLS:
             raise usage.UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {self['protocol']!r}")
+        wanted = [(text, address) for text, (host, port) in self._listen_text for address in resolve(text, host, port)]
+        self.listen = [address for _, address in wanted]
         self.inherited = inherited_datagram_sockets()
         if not self.listen and not self.inherited:
             self.listen = list(DEFAULT_LISTEN)
+            wanted = [(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", (host, port))
+                      for host, port in self.listen]
+        check_listen(wanted)
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
 
@@ -123,6 +158,17 @@ def make_backend(options: Options) -> IBackend:
     from .backends.amp import AMPBackend
 
     return AMPBackend(options["socket"], timeout=options["backend-timeout"])
+
+
+class CheckRoot(Service):
+    """Warns, as the service starts (after twistd has shed privileges), if `--root` is unreadable."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def startService(self) -> None:
+        super().startService()
+        check_root(self.root)
 
 
 class AbortOnSecondSignal(Service):
@@ -163,6 +209,8 @@ def makeService(options: Options) -> IService:
     top = MultiService()
     if IService.providedBy(backend):
         backend.setServiceParent(top)  # type: ignore[attr-defined]
+    if options["root"] is not None:
+        CheckRoot(options["root"]).setServiceParent(top)
     tftp = TFTPOffloadService(
         backend,
         listen=options.listen,
