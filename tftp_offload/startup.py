@@ -23,6 +23,8 @@ from typing import List, NoReturn, Sequence, Tuple
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .logs import address as show
+
 log = Logger(namespace="tftp_offload")
 
 Listen = Tuple[str, int]
@@ -30,11 +32,6 @@ Listen = Tuple[str, int]
 
 class StartupError(usage.UsageError):
     """The options are well-formed but this host cannot do what they say (no --help hint needed)."""
-
-
-def show(host: str, port: int) -> str:
-    """`127.0.0.1:69`, `[::1]:69`: an address as people write it."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def fail(message: str) -> NoReturn:
