@@ -535,6 +535,7 @@ class Session(DatagramProtocol):
             "client_host": self.client[0],
             "client_port": self.client[1],
             "local": self.local,
+            "local_port": self.listener.getHost().port,
             "file": logs.filename(request.filename),
             "kind": getattr(self._backend_reader, "kind", None) or None,
             "size": size if isinstance(size, int) else None,

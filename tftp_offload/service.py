@@ -70,6 +70,8 @@ class TFTPOffloadService(Service):
         self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
         self.server: Optional[TFTPServer] = None
+        self.log_starts = False
+        """Log a transfer-start event for every transfer too (the end event alone says how it went)."""
         self.ports: List[RequestPort] = []
 
     def startService(self) -> None:
@@ -78,6 +80,7 @@ class TFTPOffloadService(Service):
             from twisted.internet import reactor
         self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
                                  self.quiet)
+        self.server.log_starts = self.log_starts
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:
             for fd, family in self.inherited:

@@ -7,11 +7,13 @@ import signal
 from typing import Any, Callable, List, Tuple
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from .activation import inherited_datagram_sockets
 from .backends.directory import DirectoryBackend
 from .interfaces import IBackend
+from .logs import json_observer
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
@@ -89,6 +91,8 @@ class Options(usage.Options):
         ["rollover", None, 0, "Block number after 65535: 0 or 1.", _number(int, 0, 1, "--rollover")],
         ["max-sessions", None, 1000, "Transfers (and backend lookups) at once; further requests are "
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
+        ["log-format", None, "text", "text (one readable line per event) or json (one JSON object per line, "
+         "every structured field, transfer-start events too; for jq). Written where twistd's --logfile says."],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
     ]
@@ -133,6 +137,8 @@ class Options(usage.Options):
                                            f"drop --{name} {self[name]}")
         self["protocol"] = self["protocol"] or "amp"
         self["backend-timeout"] = self["backend-timeout"] or LOOKUP_TIMEOUT
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
         if self["protocol"] not in PROTOCOLS:
             raise usage.UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {self['protocol']!r}")
         wanted = [(text, address) for text, (host, port) in self._listen_text for address in resolve(text, host, port)]
@@ -171,6 +177,21 @@ class CheckRoot(Service):
         check_root(self.root)
 
 
+class Top(MultiService):
+    """The service twistd runs; with --log-format json it gives the application its log observer.
+
+    twistd adopts an `ILogObserver` component of the application (the .tac idiom)
+    instead of its text file observer: set here, as twistd makes us its child.
+    """
+
+    observer: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.observer)
+
+
 class AbortOnSecondSignal(Service):
     """Under twistd, a second SIGTERM or SIGINT while transfers drain aborts them at once.
 
@@ -206,7 +227,10 @@ def makeService(options: Options) -> IService:
         rollover=options["rollover"],
     )
     backend = make_backend(options)
-    top = MultiService()
+    top = Top()
+    if options["log-format"] == "json":
+        twistd = getattr(options, "parent", None) or {}
+        top.observer = json_observer(twistd.get("logfile"), bool(twistd.get("nodaemon")))
     if IService.providedBy(backend):
         backend.setServiceParent(top)  # type: ignore[attr-defined]
     if options["root"] is not None:
@@ -222,6 +246,7 @@ def makeService(options: Options) -> IService:
         drain_timeout=options["drain-timeout"],
         inherited=options.inherited,
     )
+    tftp.log_starts = options["log-format"] == "json"
     tftp.setServiceParent(top)
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
     return top
