@@ -69,6 +69,7 @@ def test_parse_listen(text: str, expected: tuple) -> None:
         "127.0.0.1:²",  # str.isdigit() says yes, int() says no
         "",
         "port",
+        "127.0.0.1",
     ],
 )
 def test_parse_listen_refuses(text: str) -> None:
@@ -78,13 +79,20 @@ def test_parse_listen_refuses(text: str) -> None:
     assert "--listen" in str(caught.value)
 
 
+@pytest.mark.parametrize("text", ["foo", "127.0.0.1", "[::1]", "127.0.0.1:", "tftp.example"])
+def test_parse_listen_says_the_port_is_missing(text: str) -> None:
+    with pytest.raises(usage.UsageError, match="the port is missing"):
+        parse_listen(text)
+
+
 def parse(*args: str) -> Options:
     options = Options()
     options.parseOptions(list(args))
     return options
 
 
-def test_listen_repeats_and_defaults(tmp_path: Path) -> None:
+def test_listen_repeats_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted: None)  # [::]:69 may be taken here
     assert parse("--root", str(tmp_path)).listen == list(DEFAULT_LISTEN)
     options = parse("--root", str(tmp_path), "--listen", "127.0.0.1:1069", "-l", "[::1]:1069")
     assert options.listen == [("127.0.0.1", 1069), ("::1", 1069)]
@@ -152,7 +160,8 @@ def test_make_service(tmp_path: Path) -> None:
     assert not tftp.running
 
 
-def test_make_service_with_defaults(tmp_path: Path) -> None:
+def test_make_service_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted: None)
     [tftp] = [child for child in makeService(parse("--root", str(tmp_path)))
               if isinstance(child, TFTPOffloadService)]
     assert tftp.listen == list(DEFAULT_LISTEN)
