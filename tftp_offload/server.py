@@ -291,6 +291,7 @@ class Session(DatagramProtocol):
         self.local = local
         self.listener = listener
         self.started = now
+        self.local_port = 0
         self.engine: Optional[ReadTransfer] = None
         self.reader: Any = None
         self._backend_reader: Any = None
@@ -307,8 +308,9 @@ class Session(DatagramProtocol):
 
     def lookup(self) -> None:
         request = self.request
+        self.local_port = self.listener.getHost().port  # once: the listener may be closed when we log the end
         ctx = {
-            "local": (self.local, self.listener.getHost().port),
+            "local": (self.local, self.local_port),
             "remote": self.client,
             "mode": request.mode,
             "options": dict(request.options),
@@ -535,7 +537,7 @@ class Session(DatagramProtocol):
             "client_host": self.client[0],
             "client_port": self.client[1],
             "local": self.local,
-            "local_port": self.listener.getHost().port,
+            "local_port": self.local_port,
             "file": logs.filename(request.filename),
             "kind": getattr(self._backend_reader, "kind", None) or None,
             "size": size if isinstance(size, int) else None,
