@@ -292,6 +292,8 @@ class Session(DatagramProtocol):
         self.listener = listener
         self.started = now
         self.local_port = 0
+        self.size: Optional[int] = None
+        """The reader's size, once the backend has answered (None for a stream of unknown length)."""
         self.engine: Optional[ReadTransfer] = None
         self.reader: Any = None
         self._backend_reader: Any = None
@@ -365,7 +367,7 @@ class Session(DatagramProtocol):
         self._backend_reader = reader
         self.reader = reader = NetasciiReader(reader) if request.mode == "netascii" else reader
         try:
-            size = reader.size
+            size = self.size = reader.size
             ipv6 = is_ipv6(self.client[0])
             negotiated = negotiate(request.options, request.mode, size, self.server.limits,
                                    self.server.path_mtu(self.local, self.client[0]), ipv6)
@@ -509,8 +511,8 @@ class Session(DatagramProtocol):
                 except Exception:
                     log.failure("reader.transfer_finished() failed")
             _finish_reader(self.reader)
-        fields = self.fields(report)
-        if not (self.server.quiet and fields["outcome"] in (logs.COMPLETE, logs.PROBE)):
+        if not (self.server.quiet and self._shown_outcome(report) in (logs.COMPLETE, logs.PROBE)):
+            fields = self.fields(report)
             log.info(logs.end_format(fields), **fields, event="transfer-end")
         # Last: forgetting the last session fires drain()'s Deferred, by which time the reader
         # must be finished (ephemeral files removed, the backend told).
@@ -531,7 +533,7 @@ class Session(DatagramProtocol):
     def fields(self, report: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """The structured fields of this request's log events: plain strings and numbers (docs/operations.md)."""
         request, engine = self.request, self.engine
-        size = getattr(self.reader, "size", None) if self.reader is not None else None
+        size = self.size
         fields: Dict[str, Any] = {
             "client": logs.address(*self.client),
             "client_host": self.client[0],
@@ -550,14 +552,17 @@ class Session(DatagramProtocol):
         by = "client" if code is not None or message is not None else None
         if by is None and self._error is not None:
             code, message, by = self._error
+        fields.update(outcome=self._shown_outcome(report), bytes=report["bytes"], duration=round(report["duration"], 6),
+                      retransmits=report["retransmits"], error_code=code, error_message=message, error_by=by)
+        return fields
+
+    def _shown_outcome(self, report: Dict[str, Any]) -> str:
         outcome = str(report["outcome"])
         # The size probe (UEFI): until the engine says `probe` itself, tell it here, in this one place:
         # the client ended with an ERROR after an OACK with tsize, before any data.
-        if outcome == logs.CLIENT_ERROR and report["bytes"] == 0 and "tsize" in request.options:
-            outcome = logs.PROBE
-        fields.update(outcome=outcome, bytes=report["bytes"], duration=round(report["duration"], 6),
-                      retransmits=report["retransmits"], error_code=code, error_message=message, error_by=by)
-        return fields
+        if outcome == logs.CLIENT_ERROR and report["bytes"] == 0 and "tsize" in self.request.options:
+            return logs.PROBE
+        return outcome
 
     def report(self) -> Dict[str, Any]:
         """How the transfer went: the fields of its log line and of the backend's report."""
