@@ -207,3 +207,22 @@ def test_listen_given_twice_is_refused(tmp_path: Path) -> None:
     with pytest.raises(usage.UsageError, match="given twice"):
         Options().parseOptions(["--root", str(tmp_path), "--listen", f"127.0.0.1:{port}",
                                 "--listen", f"127.0.0.1:{port}"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes files root cannot read by dropping capabilities")
+def test_unreadable_files_in_root_warn_at_start(tmp_path: Path) -> None:
+    root = tmp_path / "served"
+    root.mkdir()
+    root.chmod(0o755)
+    (root / "hello.txt").write_bytes(b"Hello from tftp-offload\n")
+    secret = root / "pxelinux.0"
+    secret.write_bytes(b"x")
+    secret.chmod(0o600)
+    os.chown(secret, 12345, 12345)
+    port = free_udp_port(("127.0.0.1",))
+    with running(tmp_path, ["--root", str(root), "--listen", f"127.0.0.1:{port}"], ["127.0.0.1"], port, root,
+                 prefix=NO_DAC_CAPABILITIES) as server:
+        wait_until_serving(server)
+        log = server.log()
+    assert (f"[tftp_offload#warn] --root {root}: user root (uid 0) cannot read 1 of its first 2 entries "
+            f"(e.g. pxelinux.0): requests for them will be refused") in log, log
