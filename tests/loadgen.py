@@ -3,7 +3,7 @@
 
 The tests need what a boot storm does: many downloads at once, windows (RFC
 7440), big block sizes, rollover past block 65535, and every byte checked.
-This does that with the standard library only (no ../shared, no compiler),
+This does that with the standard library only (no compiler, nothing from outside the repository),
 and independently of the code under test: packets are built and parsed with
 `struct` here.
 
