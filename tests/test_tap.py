@@ -273,3 +273,35 @@ def test_options_take_inherited_sockets_instead_of_the_default_listen() -> None:
     options, left = run_child("options")
     assert options == {"inherited": [[3, socket.AF_INET], [5, socket.AF_INET6]], "listen": []}
     assert left == []
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--root", "{root}"], "files from {root} (directory)"),
+        (["--socket", "/run/example.sock"], "asking the backend on /run/example.sock (amp)"),
+        (["--socket", "/run/example.sock", "--protocol", "legacy"], "asking the backend on /run/example.sock (legacy)"),
+    ],
+)
+def test_start_up_line_names_the_backend(tmp_path: Path, args: List[str], said: str) -> None:
+    from tftp_offload.service import describe
+
+    options = parse(*[arg.replace("{root}", str(tmp_path)) for arg in args], "--listen", "127.0.0.1:0")
+    [tftp] = [child for child in makeService(options) if isinstance(child, TFTPOffloadService)]
+    assert describe(tftp.backend) == said.replace("{root}", os.path.realpath(tmp_path))
+
+
+def test_log_format_json_gives_the_application_its_observer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # outside twistd there is no --logfile: the observer opens ./twistd.log
+    from twisted.application.service import Application
+    from twisted.logger import ILogObserver
+
+    from tftp_offload.logs import JSONLinesObserver
+
+    application = Application("tftp-offload")
+    makeService(parse("--root", str(tmp_path), "--listen", "127.0.0.1:0", "--log-format", "json")) \
+        .setServiceParent(application)
+    assert isinstance(application.getComponent(ILogObserver), JSONLinesObserver)
+    plain = Application("tftp-offload")
+    makeService(parse("--root", str(tmp_path), "--listen", "127.0.0.1:0")).setServiceParent(plain)
+    assert plain.getComponent(ILogObserver) is None
