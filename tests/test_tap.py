@@ -305,3 +305,33 @@ def test_log_format_json_gives_the_application_its_observer(tmp_path: Path, monk
     plain = Application("tftp-offload")
     makeService(parse("--root", str(tmp_path), "--listen", "127.0.0.1:0")).setServiceParent(plain)
     assert plain.getComponent(ILogObserver) is None
+
+
+@pytest.mark.parametrize("nodaemon", [True, False], ids=["nodaemon", "daemon"])
+def test_port_taken_after_the_check_is_still_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                      nodaemon: bool) -> None:
+    """Between parsing (where --listen is checked) and the bind, another process may take the port."""
+    import traceback
+
+    from tftp_offload.startup import StartupError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    top = makeService(parse("--root", str(tmp_path), "--listen", f"127.0.0.1:{port}"))
+    top.twistd = {"nodaemon": nodaemon}  # type: ignore[attr-defined]  # as twistd's own options say
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        if nodaemon:
+            with pytest.raises(SystemExit) as exited:
+                top.startService()
+            assert exited.value.code == 1
+            assert capfd.readouterr().err == (
+                f"tftp-offload: --listen 127.0.0.1:{port}: UDP port {port} on 127.0.0.1 is already in use (another "
+                f"TFTP server? see ss -ulpn 'sport = :{port}'): stop it, or choose another --listen\n")
+        else:
+            with pytest.raises(StartupError) as caught:
+                top.startService()
+            # What twistd hands the waiting parent: the first 100 bytes of this line.
+            line = "1 " + traceback.format_exception_only(StartupError, caught.value)[-1].strip()
+            assert len(line) <= 100 and line.endswith(f"127.0.0.1:{port}: Address already in use; see the log"), line

@@ -20,6 +20,7 @@ import sys
 from contextlib import ExitStack
 from typing import List, NoReturn, Sequence, Tuple
 
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -35,10 +36,30 @@ class StartupError(usage.UsageError):
 
 
 def fail(message: str) -> NoReturn:
-    """Under twistd: the message alone on stderr, exit status 1 (not after the 40-line option list)."""
-    sys.stderr.write(f"tftp-offload: {message}\n")
-    sys.stderr.flush()
+    """Under twistd: the message alone on stderr, exit status 1 (not after the 40-line option list).
+
+    The terminal's stderr (`sys.__stderr__`): once twistd logs, `sys.stderr` goes to the log.
+    """
+    stderr = sys.__stderr__ or sys.stderr
+    stderr.write(f"tftp-offload: {message}\n")
+    stderr.flush()
     raise SystemExit(1)
+
+
+def failed_to_listen(error: CannotListenError, nodaemon: bool) -> NoReturn:
+    """A port lost between the check at option time and the bind: the same one line, then exit 1.
+
+    In the foreground it goes to stderr. A daemon's stderr is gone by then, and twistd
+    passes its parent only the first 100 bytes of an exception: the line goes to the log
+    and a short exception to twistd.
+    """
+    host = str(error.interface or "::")
+    reason = error.socketError if isinstance(error.socketError, OSError) else OSError(str(error.socketError))
+    line = listen_failure(show(host, error.port), host, error.port, reason)
+    log.error("{line}", line=line, event="start-failed")
+    if nodaemon:
+        fail(line)
+    raise StartupError(f"{show(host, error.port)}: {reason.strerror or reason}; see the log")
 
 
 def _is_literal(host: str) -> bool:
@@ -68,7 +89,8 @@ def resolve(text: str, host: str, port: int) -> List[Listen]:
     return addresses
 
 
-def _remedy(text: str, host: str, port: int, error: OSError) -> str:
+def listen_failure(text: str, host: str, port: int, error: OSError) -> str:
+    """The one line that says why `--listen text` cannot be bound, and what to do."""
     code = error.errno
     if code == errno.EACCES and 0 < port < 1024:
         return (f"--listen {text}: port {port} needs privilege: run as root, or give the process "
@@ -108,7 +130,7 @@ def check_listen(wanted: Sequence[Tuple[str, Listen]]) -> None:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(port in v4_ports))
                 sock.bind((host, port))
             except OSError as e:
-                raise StartupError(_remedy(text, host, port, e)) from None
+                raise StartupError(listen_failure(text, host, port, e)) from None
 
 
 def check_root(root: str) -> None:

@@ -7,6 +7,7 @@ import signal
 from typing import Any, Callable, List, Tuple
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver
 from twisted.python import usage
 
@@ -17,7 +18,7 @@ from .logs import json_observer
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
-from .startup import StartupError, check_listen, check_root, fail, resolve, version
+from .startup import StartupError, check_listen, check_root, fail, failed_to_listen, resolve, version
 
 PROTOCOLS = ("amp", "legacy")
 
@@ -185,6 +186,16 @@ class Top(MultiService):
     """
 
     observer: Any = None
+    twistd: Any = None
+    """twistd's own options when run by twistd (then a port that cannot be bound ends the process)."""
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            if self.twistd is None:
+                raise
+            failed_to_listen(e, bool(self.twistd.get("nodaemon")))
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
@@ -228,9 +239,9 @@ def makeService(options: Options) -> IService:
     )
     backend = make_backend(options)
     top = Top()
+    top.twistd = twistd = getattr(options, "parent", None)
     if options["log-format"] == "json":
-        twistd = getattr(options, "parent", None) or {}
-        top.observer = json_observer(twistd.get("logfile"), bool(twistd.get("nodaemon")))
+        top.observer = json_observer((twistd or {}).get("logfile"), bool((twistd or {}).get("nodaemon")))
     if IService.providedBy(backend):
         backend.setServiceParent(top)  # type: ignore[attr-defined]
     if options["root"] is not None:
