@@ -557,7 +557,8 @@ class Session(DatagramProtocol):
         return fields
 
     def _shown_outcome(self, report: Dict[str, Any]) -> str:
-        outcome = str(report["outcome"])
+        outcome = report["outcome"]
+        outcome = str(getattr(outcome, "value", outcome))  # the plain string, should Outcome become an Enum
         # The size probe (UEFI): until the engine says `probe` itself, tell it here, in this one place:
         # the client ended with an ERROR after an OACK with tsize, before any data.
         if outcome == logs.CLIENT_ERROR and report["bytes"] == 0 and "tsize" in self.request.options:
