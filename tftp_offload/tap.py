@@ -14,7 +14,7 @@ from twisted.python import usage
 from .activation import inherited_datagram_sockets
 from .backends.directory import DirectoryBackend
 from .interfaces import IBackend
-from .logs import json_observer
+from .logs import address, json_observer
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
@@ -147,8 +147,7 @@ class Options(usage.Options):
         self.inherited = inherited_datagram_sockets()
         if not self.listen and not self.inherited:
             self.listen = list(DEFAULT_LISTEN)
-            wanted = [(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", (host, port))
-                      for host, port in self.listen]
+            wanted = [(address(host, port), (host, port)) for host, port in self.listen]
         check_listen(wanted)
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
