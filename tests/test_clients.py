@@ -13,6 +13,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -22,7 +23,7 @@ import tftp_client
 from harness import BIG_FILE, HOSTS, REPO, StartServer, TwistdServer, url_host
 from tftp_client import Address
 
-TFTPLOAD = REPO / "build" / "bench" / "tftpload"
+LOADGEN = REPO / "tests" / "loadgen.py"
 SMALL = ["1k.bin", "1m.bin"]
 
 
@@ -54,16 +55,16 @@ def curl_get(server: TwistdServer, host: str, name: str, out: Path, *extra: str,
                 curl_url(server, host, name)], timeout=timeout + 10)
 
 
-def tftpload(server: TwistdServer, host: str, name: str, *args: str, timeout: float = 240) -> Dict[str, object]:
-    if not TFTPLOAD.exists():
-        pytest.fail(f"{TFTPLOAD} is missing: run scripts/setup")
-    proc = run([str(TFTPLOAD), "-H", host, "-p", str(server.port), "-r", str(server.root), "-V",
-                "-f", name, "--max-time", str(int(timeout - 10)), *args], timeout=timeout)
+def loadgen(server: TwistdServer, host: str, name: str, *args: str, count: int = 1,
+            timeout: float = 240) -> Dict[str, object]:
+    """The project's load generator (tests/loadgen.py): every transfer verified against the served file."""
+    proc = run([sys.executable, str(LOADGEN), "--host", host, "--port", str(server.port), "--root", str(server.root),
+                "--file", name, "--count", str(count), "--max-time", str(int(timeout - 10)), *args], timeout=timeout)
     lines = proc.stdout.strip().splitlines()
-    assert lines, f"no output from tftpload (exit {proc.returncode}): {proc.stderr}"
+    assert lines, f"no output from the load generator (exit {proc.returncode}): {proc.stderr}"
     stats = json.loads(lines[-1])
-    assert (stats["ok"], stats["failed"], stats["verify_fail"]) == (1, 0, 0), proc.stdout + proc.stderr
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (stats["ok"], stats["failed"], stats["verify_fail"]) == (count, 0, 0), proc.stdout + proc.stderr
+    assert stats["verified"] is True and proc.returncode == 0, proc.stdout + proc.stderr
     return stats
 
 
@@ -126,18 +127,26 @@ def test_atftp_windowed(request: pytest.FixtureRequest, twistd_server: TwistdSer
 @pytest.mark.parametrize(
     "name,args",
     [
-        ("1k.bin", ["-b", "1468", "-t"]),
-        ("1m.bin", ["-b", "512", "-w", "64"]),
-        ("1m.bin", ["-b", "8192", "-w", "16", "-t"]),
+        ("1k.bin", ["--blksize", "1468", "--tsize"]),
+        ("1m.bin", ["--blksize", "512", "--windowsize", "64"]),
+        ("1m.bin", ["--blksize", "8192", "--windowsize", "16", "--tsize"]),
         # 204,801 blocks: the block number wraps 65535 -> 0 three times.
-        (BIG_FILE, ["-b", "512", "-w", "64", "-t"]),
+        (BIG_FILE, ["--blksize", "512", "--windowsize", "64", "--tsize"]),
     ],
 )
-def test_tftpload(request: pytest.FixtureRequest, twistd_server: TwistdServer, host: str, name: str,
-                  args: List[str]) -> None:
+def test_loadgen(request: pytest.FixtureRequest, twistd_server: TwistdServer, host: str, name: str,
+                 args: List[str]) -> None:
     want = served(request, twistd_server, name)
-    stats = tftpload(twistd_server, host, name, *args)
+    stats = loadgen(twistd_server, host, name, *args)
     assert stats["bytes"] == want.stat().st_size
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_loadgen_concurrent(twistd_server: TwistdServer, host: str) -> None:
+    """A small storm: 200 windowed downloads, 20 at once, every one verified."""
+    stats = loadgen(twistd_server, host, "1m.bin", "--blksize", "1468", "--windowsize", "16", "--tsize",
+                    "--concurrency", "20", count=200)
+    assert stats["bytes"] == 200 * (twistd_server.root / "1m.bin").stat().st_size
 
 
 def test_own_client_windowed_rollover(twistd_server: TwistdServer, big_file: Path) -> None:

@@ -321,7 +321,7 @@ async def test_file_not_found(serve: Serving, rackd: Rackd, log_events: Events) 
     service = serve(rackd.backend())
     got = await fetch(serve, service, b"pxelinux.cfg/01-aa-bb-cc-dd-ee-ff")
     assert got.error == (1, "File not found")
-    assert events_with(log_events, outcome="refused", code=1)
+    assert events_with(log_events, outcome="refused", error_code=1)
 
 
 @pytest.mark.parametrize(
@@ -339,7 +339,7 @@ async def test_error_replies(serve: Serving, rackd: Rackd, log_events: Events, n
     service = serve(rackd.backend())
     got = await fetch(serve, service, name)
     assert got.error == tftp
-    assert events_with(log_events, outcome="refused", code=tftp[0])
+    assert events_with(log_events, outcome="refused", error_code=tftp[0])
 
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))

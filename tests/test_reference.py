@@ -10,11 +10,13 @@ timeout; every loop is bounded; all traffic stays on loopback.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from offload_support import Process, fd_count, short_dir, start_backend, start_s
 
 from tftp_offload.reference import pattern, render_grub, render_pxelinux
 
-TFTPLOAD = REPO / "build" / "bench" / "tftpload"
+LOADGEN = REPO / "tests" / "loadgen.py"
 BIG = 300_000
 FIRST_HOST = "127.0.0.1"
 HOSTS = (*(f"127.0.0.{i}" for i in range(1, 9)), "::1")
@@ -198,7 +200,7 @@ def test_ipv6_and_socket_permissions(healthy: Stack, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def big_stream_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of generated/big209715200 on disk, for tftpload to verify every byte against."""
+    """A copy of generated/big209715200 on disk, for the load generator to verify every byte against."""
     root = tmp_path_factory.mktemp("copy")
     (root / "generated").mkdir()
     with (root / "generated" / "big209715200").open("wb") as f:
@@ -208,15 +210,14 @@ def big_stream_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_200_mib_stream_with_bounded_server_memory(healthy: Stack, big_stream_copy: Path) -> None:
-    if not TFTPLOAD.exists():
-        pytest.fail(f"{TFTPLOAD} is missing: run scripts/setup")
     assert tftp_client.get(FIRST_HOST, healthy.port, b"generated/big2000000").complete  # warm up the stream path
     before = vm_hwm_kib(healthy.server.pid)
-    proc = run([str(TFTPLOAD), "-H", FIRST_HOST, "-p", str(healthy.port), "-f", "generated/big209715200",
-                "-r", str(big_stream_copy), "-V", "-b", "1468", "-w", "64", "-t", "-q", "--max-time", "200"],
-               timeout=220)
+    proc = run([sys.executable, str(LOADGEN), "--host", FIRST_HOST, "--port", str(healthy.port),
+                "--file", "generated/big209715200", "--root", str(big_stream_copy), "--blksize", "1468",
+                "--windowsize", "64", "--tsize", "--max-time", "200"], timeout=220)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert '"ok":1' in proc.stdout and '"verified":true' in proc.stdout, proc.stdout
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert stats["ok"] == 1 and stats["verified"] is True, proc.stdout
     after = vm_hwm_kib(healthy.server.pid)
     # The read-ahead is a couple of windows: the server's peak memory must not grow with the file.
     assert after - before < 24 * 1024, f"server VmHWM grew from {before} KiB to {after} KiB"

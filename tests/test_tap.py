@@ -69,6 +69,7 @@ def test_parse_listen(text: str, expected: tuple) -> None:
         "127.0.0.1:²",  # str.isdigit() says yes, int() says no
         "",
         "port",
+        "127.0.0.1",
     ],
 )
 def test_parse_listen_refuses(text: str) -> None:
@@ -78,13 +79,20 @@ def test_parse_listen_refuses(text: str) -> None:
     assert "--listen" in str(caught.value)
 
 
+@pytest.mark.parametrize("text", ["foo", "127.0.0.1", "[::1]", "127.0.0.1:", "tftp.example"])
+def test_parse_listen_says_the_port_is_missing(text: str) -> None:
+    with pytest.raises(usage.UsageError, match="the port is missing"):
+        parse_listen(text)
+
+
 def parse(*args: str) -> Options:
     options = Options()
     options.parseOptions(list(args))
     return options
 
 
-def test_listen_repeats_and_defaults(tmp_path: Path) -> None:
+def test_listen_repeats_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted: None)  # [::]:69 may be taken here
     assert parse("--root", str(tmp_path)).listen == list(DEFAULT_LISTEN)
     options = parse("--root", str(tmp_path), "--listen", "127.0.0.1:1069", "-l", "[::1]:1069")
     assert options.listen == [("127.0.0.1", 1069), ("::1", 1069)]
@@ -138,7 +146,7 @@ def test_bad_numbers_give_one_line(tmp_path: Path, option: str, value: str) -> N
 def test_make_service(tmp_path: Path) -> None:
     options = parse("--root", str(tmp_path), "--listen", "127.0.0.1:0", "--max-blksize", "1400",
                     "--max-windowsize", "16", "--timeout", "0.5", "--give-up", "10", "--rollover", "1",
-                    "--max-sessions", "7", "--backend-timeout", "2", "--drain-timeout", "3", "--quiet")
+                    "--max-sessions", "7", "--drain-timeout", "3", "--quiet")
     top = makeService(options)
     assert IService.providedBy(top) and isinstance(top, MultiService)
     [tftp] = [child for child in top if isinstance(child, TFTPOffloadService)]
@@ -147,13 +155,13 @@ def test_make_service(tmp_path: Path) -> None:
     assert tftp.listen == [("127.0.0.1", 0)]
     assert tftp.limits == Limits(max_blksize=1400, max_windowsize=16, timeout=0.5, give_up=10, rollover=1)
     assert tftp.max_sessions == 7
-    assert tftp.lookup_timeout > 2  # the backend's own timeout answers first
     assert tftp.drain_timeout == 3
     assert tftp.quiet is True
     assert not tftp.running
 
 
-def test_make_service_with_defaults(tmp_path: Path) -> None:
+def test_make_service_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted: None)
     [tftp] = [child for child in makeService(parse("--root", str(tmp_path)))
               if isinstance(child, TFTPOffloadService)]
     assert tftp.listen == list(DEFAULT_LISTEN)
@@ -265,3 +273,65 @@ def test_options_take_inherited_sockets_instead_of_the_default_listen() -> None:
     options, left = run_child("options")
     assert options == {"inherited": [[3, socket.AF_INET], [5, socket.AF_INET6]], "listen": []}
     assert left == []
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--root", "{root}"], "files from {root} (directory)"),
+        (["--socket", "/run/example.sock"], "asking the backend on /run/example.sock (amp)"),
+        (["--socket", "/run/example.sock", "--protocol", "legacy"], "asking the backend on /run/example.sock (legacy)"),
+    ],
+)
+def test_start_up_line_names_the_backend(tmp_path: Path, args: List[str], said: str) -> None:
+    from tftp_offload.service import describe
+
+    options = parse(*[arg.replace("{root}", str(tmp_path)) for arg in args], "--listen", "127.0.0.1:0")
+    [tftp] = [child for child in makeService(options) if isinstance(child, TFTPOffloadService)]
+    assert describe(tftp.backend) == said.replace("{root}", os.path.realpath(tmp_path))
+
+
+def test_log_format_json_gives_the_application_its_observer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # outside twistd there is no --logfile: the observer opens ./twistd.log
+    from twisted.application.service import Application
+    from twisted.logger import ILogObserver
+
+    from tftp_offload.logs import JSONLinesObserver
+
+    application = Application("tftp-offload")
+    makeService(parse("--root", str(tmp_path), "--listen", "127.0.0.1:0", "--log-format", "json")) \
+        .setServiceParent(application)
+    assert isinstance(application.getComponent(ILogObserver), JSONLinesObserver)
+    plain = Application("tftp-offload")
+    makeService(parse("--root", str(tmp_path), "--listen", "127.0.0.1:0")).setServiceParent(plain)
+    assert plain.getComponent(ILogObserver) is None
+
+
+@pytest.mark.parametrize("nodaemon", [True, False], ids=["nodaemon", "daemon"])
+def test_port_taken_after_the_check_is_still_one_line(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                      nodaemon: bool) -> None:
+    """Between parsing (where --listen is checked) and the bind, another process may take the port."""
+    import traceback
+
+    from tftp_offload.startup import StartupError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    top = makeService(parse("--root", str(tmp_path), "--listen", f"127.0.0.1:{port}"))
+    top.twistd = {"nodaemon": nodaemon}  # type: ignore[attr-defined]  # as twistd's own options say
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        if nodaemon:
+            with pytest.raises(SystemExit) as exited:
+                top.startService()
+            assert exited.value.code == 1
+            assert capfd.readouterr().err == (
+                f"tftp-offload: --listen 127.0.0.1:{port}: UDP port {port} on 127.0.0.1 is already in use (another "
+                f"TFTP server? see ss -ulpn 'sport = :{port}'): stop it, or choose another --listen\n")
+        else:
+            with pytest.raises(StartupError) as caught:
+                top.startService()
+            # What twistd hands the waiting parent: the first 100 bytes of this line.
+            line = "1 " + traceback.format_exception_only(StartupError, caught.value)[-1].strip()
+            assert len(line) <= 100 and line.endswith(f"127.0.0.1:{port}: Address already in use; see the log"), line

@@ -244,7 +244,7 @@ async def test_tx_tftp_errors(serve: Serving, log_events: Events, name: bytes, e
     got = await download(serve.peer(), server_of(service), name)
     assert got.error == error
     [line] = events_with(log_events, outcome="refused")
-    assert line["code"] == error[0] and line["file"] == name
+    assert line["error_code"] == error[0] and line["file"] == name.decode()
 
 
 @pytest.mark.parametrize(("name", "exception"), [(b"sync/bug", RuntimeError), (b"bug", KeyError)])
@@ -253,7 +253,7 @@ async def test_any_other_exception(serve: Serving, log_events: Events, name: byt
     service = serve(RackStyleBackend())
     got = await download(serve.peer(), server_of(service), name)
     assert got.error == (0, "Internal server error")
-    [line] = events_with(log_events, outcome="backend-error")
+    [line] = events_with(log_events, event="backend-error")
     assert line["log_failure"].check(exception)  # the traceback is in the log
 
 
@@ -287,4 +287,4 @@ async def test_backend_that_never_answers(serve: Serving, log_events: Events) ->
     service = serve(RackStyleBackend(), lookup_timeout=0.3)
     got = await download(serve.peer(), server_of(service), b"never")
     assert got.error == (0, "Backend did not answer in time")
-    assert events_with(log_events, outcome="refused", file=b"never")
+    assert events_with(log_events, outcome="refused", file="never")

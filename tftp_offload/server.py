@@ -13,6 +13,7 @@ the backend and the reactor. The chain for one request:
 
 from __future__ import annotations
 
+import select
 import time
 from typing import Any, Dict, List, Optional, Tuple, cast
 
@@ -24,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python import context
 from twisted.python.failure import Failure
 
+from . import logs
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
 from .interfaces import IBackend
@@ -112,6 +114,8 @@ class TFTPServer:
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
         self.quiet = quiet
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
+        self.log_starts = False
+        """Also log a transfer-start event per transfer (on with --log-format json; the text end line says it all)."""
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -130,8 +134,8 @@ class TFTPServer:
         except MalformedPacket as e:
             is_request = data[:2] in (b"\0\1", b"\0\2")
             if self._bad.allow(self.reactor.seconds()):
-                log.info("Malformed datagram from {client}: {reason}", client=client, reason=str(e),
-                         outcome="malformed")
+                log.info("Malformed datagram from {client}: {reason}", client=logs.address(*client),
+                         reason=str(e), event="malformed", outcome=logs.REFUSED if is_request else None)
             if is_request and self._refusals.allow(self.reactor.seconds()):
                 # Someone meant to ask for a file: tell them why not (within a budget, since the
                 # ERROR is larger than the smallest malformed request: no amplifier for spoofers).
@@ -139,14 +143,17 @@ class TFTPServer:
                                wire_client, local)
             return
         if not isinstance(packet, Request):
-            if self._bad.allow(self.reactor.seconds()):
-                log.info("Ignored {opcode} from {client} on the request port", client=client,
-                         opcode=Opcode(data[1]).name, outcome="ignored")
+            # An ACK or ERROR here is the normal aftermath of an ERROR sent from this port (tftp-hpa
+            # acknowledges a refusal): not worth a line. Anything else is odd.
+            if data[1] not in (Opcode.ACK, Opcode.ERROR) and self._bad.allow(self.reactor.seconds()):
+                log.info("Ignored {opcode} from {client} on the request port", client=logs.address(*client),
+                         opcode=Opcode(data[1]).name, event="ignored")
             return
         if packet.opcode == Opcode.WRQ:
             if self._bad.allow(self.reactor.seconds()):
-                log.info("Refused write request for {file!r} from {client}", client=client,
-                         file=packet.filename, outcome="refused")
+                log.info("refused write request for {file} from {client}: this server is read-only",
+                         client=logs.address(*client), file=logs.filename(packet.filename), event="write-request",
+                         outcome=logs.REFUSED, error_code=int(ErrorCode.ACCESS_VIOLATION))
             listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
                                         "Write requests are not supported: this server is read-only"),
                            wire_client, local)
@@ -160,21 +167,26 @@ class TFTPServer:
             if done is not None and done[0] == data and arrived < done[1]:
                 # It arrived while its transfer ran (the reactor just handled the final ACK first):
                 # a small file is often sent and ACKed before the ROM's duplicate RRQ is read.
-                if self._bad.allow(now):
-                    log.debug("Duplicate request from {client} ignored (already served)", client=client)
                 return
         else:
             if existing.raw == data and now - existing.started < DUPLICATE_WINDOW:
-                if self._bad.allow(now):
-                    log.debug("Duplicate request from {client} ignored", client=client)
-                return
-            # The client has moved on (a UEFI probe's follow-up RRQ, or a restart): so do we.
-            existing.close("superseded")
+                # The UEFI size probe's ERROR 8 may wait, unread, at the transfer port while its
+                # follow-up (this same request) is read here: handle it first, then judge.
+                existing.catch_up()
+            if existing.outcome == Outcome.COMPLETE and existing.raw == data \
+                    and arrived < (existing.last_arrival or arrived + 1):
+                return  # its final ACK was waiting too: a duplicate of a transfer now complete
+            if existing.outcome is None:
+                if existing.raw == data and now - existing.started < DUPLICATE_WINDOW:
+                    return  # a ROM's retransmission: its transfer runs
+                # The client has moved on (a restart, another file): so do we.
+                existing.close(Outcome.ABORTED)
         if len(self.sessions) >= self.max_sessions:
             if self._bad.allow(now):
-                log.warn("Dropped request for {file!r} from {client}: {sessions} transfers running "
-                         "(--max-sessions); the client will retry", client=client, file=packet.filename,
-                         sessions=len(self.sessions), outcome="busy")
+                log.warn("Dropped request for {file} from {client}: {sessions} transfers running "
+                         "(--max-sessions); the client will retry", client=logs.address(*client),
+                         file=logs.filename(packet.filename), sessions=len(self.sessions), event="dropped",
+                         reason="capacity")
             return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
@@ -279,12 +291,17 @@ class Session(DatagramProtocol):
         self.local = local
         self.listener = listener
         self.started = now
+        self.local_port = 0
+        self.size: Optional[int] = None
+        """The reader's size, once the backend has answered (None for a stream of unknown length)."""
         self.engine: Optional[ReadTransfer] = None
         self.reader: Any = None
         self._backend_reader: Any = None
         self.last_arrival: Optional[float] = None
         """Kernel arrival time of the final ACK of a completed transfer."""
         self.outcome: Optional[str] = None
+        self._error: Optional[Tuple[int, str, str]] = None
+        """(code, message, "server") of an ERROR we sent, for the log."""
         self._timer: Optional[IDelayedCall] = None
         self._reading = False
         self._port: Optional[TransferPort] = None
@@ -293,8 +310,9 @@ class Session(DatagramProtocol):
 
     def lookup(self) -> None:
         request = self.request
+        self.local_port = self.listener.getHost().port  # once: the listener may be closed when we log the end
         ctx = {
-            "local": (self.local, self.listener.getHost().port),
+            "local": (self.local, self.local_port),
             "remote": self.client,
             "mode": request.mode,
             "options": dict(request.options),
@@ -330,14 +348,13 @@ class Session(DatagramProtocol):
             code, message, expected = ErrorCode.NOT_DEFINED, "Backend did not answer in time", True
         else:
             code, message, expected = error_for(failure.value)
-        if expected:
-            log.info("Request for {file!r} from {client} refused: {message}", file=self.request.filename,
-                     client=self.client, message=message, code=int(code), outcome="refused")
-        else:
-            log.failure("Backend failed on {file!r} from {client}", failure=failure,
-                        file=self.request.filename, client=self.client, outcome="backend-error")
+        if not expected:
+            log.failure("Backend failed on {file} for {client}", failure=failure,
+                        file=logs.filename(self.request.filename), client=logs.address(*self.client),
+                        event="backend-error")
         self._reply_error(code, message)
-        self._end("refused")
+        self._error = (int(code), message, "server")
+        self._end(logs.REFUSED)
 
     def _got_reader(self, reader: Any) -> None:
         if self.outcome is not None:  # closed (or timed out) while the backend was thinking
@@ -350,22 +367,25 @@ class Session(DatagramProtocol):
         self._backend_reader = reader
         self.reader = reader = NetasciiReader(reader) if request.mode == "netascii" else reader
         try:
-            size = reader.size
+            size = self.size = reader.size
             ipv6 = is_ipv6(self.client[0])
             negotiated = negotiate(request.options, request.mode, size, self.server.limits,
                                    self.server.path_mtu(self.local, self.client[0]), ipv6)
             port = TransferPort(0, self, self.local, 65536, self.server.reactor)
             port.startListening()
         except Exception:
-            log.failure("Could not start a transfer of {file!r} to {client}", file=request.filename,
-                        client=self.client)
+            log.failure("Could not start a transfer of {file} to {client}", file=logs.filename(request.filename),
+                        client=logs.address(*self.client))
             self._reply_error(ErrorCode.NOT_DEFINED, "Internal server error")
-            self._end("aborted")
+            self._error = (int(ErrorCode.NOT_DEFINED), "Internal server error", "server")
+            self._end(Outcome.ABORTED)
             return
         self._port = port
         self.engine = engine = ReadTransfer(negotiated, self.server.limits,
                                             encode_oack(negotiated.oack) if negotiated.oack else None)
         now = self.server.reactor.seconds()
+        if self.server.log_starts:
+            log.info("Sending {file} to {client}", **self.fields(), event="transfer-start")
         self._send(engine.start(now))
         self._pump(now)
         self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
@@ -432,8 +452,8 @@ class Session(DatagramProtocol):
         self._reading = False
         if self.outcome is not None:
             return
-        log.failure("Reading {file!r} for {client} failed", failure=failure, file=self.request.filename,
-                    client=self.client)
+        log.failure("Reading {file} for {client} failed", failure=failure, file=logs.filename(self.request.filename),
+                    client=logs.address(*self.client))
         self.close("aborted", "Error reading the file")
 
     def _timed_out(self) -> None:
@@ -457,6 +477,7 @@ class Session(DatagramProtocol):
         if self.outcome is not None:
             return
         if message is not None:
+            self._error = (int(ErrorCode.NOT_DEFINED), message, "server")
             if self.engine is not None:
                 self._send([self.engine.abort(message)])
             else:
@@ -477,21 +498,72 @@ class Session(DatagramProtocol):
                 self.last_arrival = self._port.last_arrival()
             self._port.stopListening()
         report = self.report() if self.engine is not None else None
+        if report is None:  # refused before a transfer began: the end event still says how it went
+            report = {"outcome": outcome, "bytes": 0, "duration": self.server.reactor.seconds() - self.started,
+                      "retransmits": 0, "client_error": None}
         if self.reader is not None:
             # A reader that wants to know how it went (the AMP backend tells its peer) says so
             # with transfer_finished(); it is told before finish() releases it.
             told = getattr(self._backend_reader, "transfer_finished", None)
-            if told is not None and report is not None:
+            if told is not None and self.engine is not None:
                 try:
                     told(report)
                 except Exception:
                     log.failure("reader.transfer_finished() failed")
             _finish_reader(self.reader)
-        if report is not None and not (outcome == Outcome.COMPLETE and self.server.quiet):
-            log.info("{outcome} {file!r} to {client}: {bytes} bytes in {duration:.3f}s", **report)
+        if not (self.server.quiet and self._shown_outcome(report) in (logs.COMPLETE, logs.PROBE)):
+            fields = self.fields(report)
+            log.info(logs.end_format(fields), **fields, event="transfer-end")
         # Last: forgetting the last session fires drain()'s Deferred, by which time the reader
         # must be finished (ephemeral files removed, the backend told).
         self.server.forget(self)
+
+    def catch_up(self) -> None:
+        """Handle the datagrams already waiting at the transfer port, now rather than at the reactor's next turn."""
+        port = self._port
+        if port is None:
+            return
+        poller = select.poll()
+        poller.register(port.fileno(), select.POLLIN)
+        for _ in range(64):  # a window's worth of ACKs at most: this is not the hot path
+            if self.outcome is not None or not poller.poll(0):
+                return
+            port.doRead()
+
+    def fields(self, report: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The structured fields of this request's log events: plain strings and numbers (docs/operations.md)."""
+        request, engine = self.request, self.engine
+        size = self.size
+        fields: Dict[str, Any] = {
+            "client": logs.address(*self.client),
+            "client_host": self.client[0],
+            "client_port": self.client[1],
+            "local": self.local,
+            "local_port": self.local_port,
+            "file": logs.filename(request.filename),
+            "kind": getattr(self._backend_reader, "kind", None) or None,
+            "size": size if isinstance(size, int) else None,
+            "blksize": engine.blksize if engine is not None else None,
+            "windowsize": engine.windowsize if engine is not None else None,
+        }
+        if report is None:
+            return fields
+        code, message = logs.client_error(report["client_error"]) if report["client_error"] else (None, None)
+        by = "client" if code is not None or message is not None else None
+        if by is None and self._error is not None:
+            code, message, by = self._error
+        fields.update(outcome=self._shown_outcome(report), bytes=report["bytes"], duration=round(report["duration"], 6),
+                      retransmits=report["retransmits"], error_code=code, error_message=message, error_by=by)
+        return fields
+
+    def _shown_outcome(self, report: Dict[str, Any]) -> str:
+        outcome = report["outcome"]
+        outcome = str(getattr(outcome, "value", outcome))  # the plain string, should Outcome become an Enum
+        # The size probe (UEFI): until the engine says `probe` itself, tell it here, in this one place:
+        # the client ended with an ERROR after an OACK with tsize, before any data.
+        if outcome == logs.CLIENT_ERROR and report["bytes"] == 0 and "tsize" in self.request.options:
+            return logs.PROBE
+        return outcome
 
     def report(self) -> Dict[str, Any]:
         """How the transfer went: the fields of its log line and of the backend's report."""

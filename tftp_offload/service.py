@@ -15,9 +15,10 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+from .logs import address as show
 from .options import Limits
 from .server import LOOKUP_TIMEOUT, ListenerProtocol, TFTPServer
-from .udp import RequestPort, is_ipv6
+from .udp import RequestPort, is_ipv6, plain_host
 
 log = Logger(namespace="tftp_offload")
 
@@ -69,6 +70,8 @@ class TFTPOffloadService(Service):
         self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
         self.server: Optional[TFTPServer] = None
+        self.log_starts = False
+        """Log a transfer-start event for every transfer too (the end event alone says how it went)."""
         self.ports: List[RequestPort] = []
 
     def startService(self) -> None:
@@ -77,6 +80,7 @@ class TFTPOffloadService(Service):
             from twisted.internet import reactor
         self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
                                  self.quiet)
+        self.server.log_starts = self.log_starts
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:
             for fd, family in self.inherited:
@@ -84,14 +88,17 @@ class TFTPOffloadService(Service):
                 listener.startListening()
                 self.ports.append(listener)
                 address = listener.getHost()
-                log.info("Serving TFTP on inherited {address}", address=_show(address.host, address.port))
+                log.info("Serving TFTP on inherited {address} (socket activation): {backend}",
+                         address=show(plain_host(address.host), address.port), backend=describe(self.backend),
+                         event="listening")
             for host, port in self.listen:
                 # An IPv6 wildcard is dual-stack unless an IPv4 address is also asked for on its port.
                 v6only = (port in v4_ports) if is_ipv6(host) else None
                 listener = RequestPort(port, ListenerProtocol(self.server), host, v6only, reactor=reactor)
                 listener.startListening()
                 self.ports.append(listener)
-                log.info("Serving TFTP on {address}", address=_show(host, listener.getHost().port))
+                log.info("Serving TFTP on {address}: {backend}", address=show(host, listener.getHost().port),
+                         backend=describe(self.backend), event="listening")
         except Exception:
             for listener in self.ports:
                 listener.stopListening()
@@ -113,5 +120,13 @@ class TFTPOffloadService(Service):
         return DeferredList([d for d in stopping if d is not None])
 
 
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if is_ipv6(host) else f"{host}:{port}"
+def describe(backend: Any) -> str:
+    """What a start-up line says is served: `files from /srv/tftp (directory)`, `the backend on PATH (amp)`."""
+    root = getattr(backend, "root", None)
+    if isinstance(root, str):
+        return f"files from {root} (directory)"
+    path = getattr(backend, "socket_path", None)
+    if path is not None:
+        protocol = "legacy" if type(backend).__name__ == "LegacyBackend" else "amp"
+        return f"asking the backend on {path} ({protocol})"
+    return f"asking {type(backend).__name__}"

@@ -7,15 +7,19 @@ import signal
 from typing import Any, Callable, List, Tuple
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.error import CannotListenError
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from .activation import inherited_datagram_sockets
 from .backends.directory import PER_CLIENT, DirectoryBackend
 from .interfaces import IBackend
+from .logs import address, json_observer
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .remap import MapFileError, RuleSet
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
+from .startup import StartupError, check_listen, check_root, fail, failed_to_listen, resolve, version
 
 PROTOCOLS = ("amp", "legacy")
 
@@ -25,13 +29,20 @@ def parse_listen(text: str) -> Tuple[str, int]:
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:
+            if text.endswith("]") and ":" in text:
+                raise usage.UsageError(f"--listen {text}: the port is missing: --listen {text}:69 (or another port)")
             raise usage.UsageError(f"--listen {text!r}: expected [IPV6ADDRESS]:PORT")
     elif ":" in text:
         host, _, port = text.rpartition(":")
         if ":" in host:
             raise usage.UsageError(f"--listen {text!r}: put an IPv6 address in brackets: [{host}]:{port}")
+    elif text and not text.isdigit():
+        # "127.0.0.1", "tftp.example": an address or a name, without a port
+        raise usage.UsageError(f"--listen {text}: the port is missing: --listen {text}:69 (or another port)")
     else:
         host, port = "", text
+    if not port and host:
+        raise usage.UsageError(f"--listen {text}: the port is missing: --listen {text}69 (or another port)")
     if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:  # "²".isdigit() too
         raise usage.UsageError(f"--listen {text!r}: port must be a number from 0 to 65535")
     return host or "::", int(port)
@@ -65,10 +76,10 @@ class Options(usage.Options):
     optParameters = [
         ["root", "r", None, "Serve files from this directory."],
         ["socket", "s", None, "Ask the backend listening on this UNIX socket what to serve."],
-        ["protocol", None, "amp", f"What the --socket backend speaks: {' or '.join(PROTOCOLS)} "
-         "(the MAAS 2.2-3.4 offload format)."],
-        ["backend-timeout", None, LOOKUP_TIMEOUT, "Seconds a backend may take to answer a request; "
-         "then the client gets an error.", _number(float, 0.1, 60, "--backend-timeout")],
+        ["protocol", None, None, f"What the --socket backend speaks: {' or '.join(PROTOCOLS)} "
+         "(the MAAS 2.2-3.4 offload format). [default: amp]"],
+        ["backend-timeout", None, None, "Seconds a --socket backend may take to answer a request; "
+         f"then the client gets an error. [default: {LOOKUP_TIMEOUT}]", _number(float, 0.1, 60, "--backend-timeout")],
         ["max-blksize", None, MAX_BLKSIZE, "Largest block size granted (RFC 2348); the path MTU also caps it.",
          _number(int, MIN_BLKSIZE, MAX_BLKSIZE, "--max-blksize")],
         ["max-windowsize", None, 64, "Largest window granted, in blocks (RFC 7440).",
@@ -86,6 +97,8 @@ class Options(usage.Options):
          "--map-file syntax; reread on SIGHUP). Try them with tftp-offload-map-test."],
         ["root-per-client", None, None, "With --root: 'ip' serves ROOT/<client address>/ first, then ROOT/; "
          "'mac' ROOT/<client MAC>/ (52-54-00-12-34-56, from the kernel's neighbour table)."],
+        ["log-format", None, "text", "text (one readable line per event) or json (one JSON object per line, "
+         "every structured field, transfer-start events too; for jq). Written where twistd's --logfile says."],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
     ]
@@ -93,14 +106,29 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self.listen: List[Tuple[str, int]] = []
+        self._listen_text: List[Tuple[str, Tuple[str, int]]] = []
         self.inherited: List[Tuple[int, int]] = []
 
     def opt_listen(self, value: str) -> None:
-        """HOST:PORT or [IPV6]:PORT to listen on; repeat for more (default: the sockets systemd passed
-        (socket activation), else [::]:69, all addresses)."""
-        self.listen.append(parse_listen(value))
+        """HOST:PORT or [IPV6]:PORT to listen on (a host name means each of its addresses); repeat for
+        more (default: the sockets systemd passed (socket activation), else [::]:69, all addresses)."""
+        self._listen_text.append((value, parse_listen(value)))
 
     opt_l = opt_listen
+
+    def opt_version(self) -> None:
+        """Print tftp-offload's version (and Twisted's) and exit."""
+        print(version())
+        raise SystemExit(0)
+
+    def parseOptions(self, options: Any = None) -> None:
+        """Under twistd (a subcommand has a parent), a mistake is one line on stderr and exit status 1."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise  # a library caller or a test: let it see the error
+            fail(str(e) if isinstance(e, StartupError) else f"{e} (twistd tftp-offload --help lists the options)")
 
     def postOptions(self) -> None:
         if (self["root"] is None) == (self["socket"] is None):
@@ -109,11 +137,24 @@ class Options(usage.Options):
         if self["root"] is not None and not os.path.isdir(self["root"]):
             raise usage.UsageError(f"--root {self['root']!r} is not a directory")
         self.check_directory_options()
+        if self["root"] is not None:
+            for name in ("protocol", "backend-timeout"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} is for a --socket backend; --root serves a directory itself: "
+                                           f"drop --{name} {self[name]}")
+        self["protocol"] = self["protocol"] or "amp"
+        self["backend-timeout"] = self["backend-timeout"] or LOOKUP_TIMEOUT
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
         if self["protocol"] not in PROTOCOLS:
             raise usage.UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {self['protocol']!r}")
+        wanted = [(text, address) for text, (host, port) in self._listen_text for address in resolve(text, host, port)]
+        self.listen = [address for _, address in wanted]
         self.inherited = inherited_datagram_sockets()
         if not self.listen and not self.inherited:
             self.listen = list(DEFAULT_LISTEN)
+            wanted = [(address(host, port), (host, port)) for host, port in self.listen]
+        check_listen(wanted)
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
 
@@ -143,6 +184,42 @@ def make_backend(options: Options) -> IBackend:
     from .backends.amp import AMPBackend
 
     return AMPBackend(options["socket"], timeout=options["backend-timeout"])
+
+
+class CheckRoot(Service):
+    """Warns, as the service starts (after twistd has shed privileges), if `--root` is unreadable."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def startService(self) -> None:
+        super().startService()
+        check_root(self.root)
+
+
+class Top(MultiService):
+    """The service twistd runs; with --log-format json it gives the application its log observer.
+
+    twistd adopts an `ILogObserver` component of the application (the .tac idiom)
+    instead of its text file observer: set here, as twistd makes us its child.
+    """
+
+    observer: Any = None
+    twistd: Any = None
+    """twistd's own options when run by twistd (then a port that cannot be bound ends the process)."""
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            if self.twistd is None:
+                raise
+            failed_to_listen(e, bool(self.twistd.get("nodaemon")))
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        if self.observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.observer)
 
 
 class AbortOnSecondSignal(Service):
@@ -203,9 +280,14 @@ def makeService(options: Options) -> IService:
         rollover=options["rollover"],
     )
     backend = make_backend(options)
-    top = MultiService()
+    top = Top()
+    top.twistd = twistd = getattr(options, "parent", None)
+    if options["log-format"] == "json":
+        top.observer = json_observer((twistd or {}).get("logfile"), bool((twistd or {}).get("nodaemon")))
     if IService.providedBy(backend):
         backend.setServiceParent(top)  # type: ignore[attr-defined]
+    if options["root"] is not None:
+        CheckRoot(options["root"]).setServiceParent(top)
     tftp = TFTPOffloadService(
         backend,
         listen=options.listen,
@@ -217,6 +299,7 @@ def makeService(options: Options) -> IService:
         drain_timeout=options["drain-timeout"],
         inherited=options.inherited,
     )
+    tftp.log_starts = options["log-format"] == "json"
     tftp.setServiceParent(top)
     if isinstance(backend, DirectoryBackend) and backend.map_file is not None:
         ReloadOnHangup(backend.reload).setServiceParent(top)

@@ -1,0 +1,319 @@
+"""What the log says, on a real twistd: readable lines, structured fields, JSON for jq, and the
+grep recipes docs/operations.md gives, run against real output.
+
+All traffic goes to 127.0.0.1 and ::1. Each client uses a socket of its own, so the test knows
+the client address a line must name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+import pytest
+import tftp_client
+from harness import REPO, StartServer, TwistdServer
+
+from tftp_offload import logs
+
+HELLO = b"Hello from tftp-offload\n"  # tests/harness.py SMALL_FILES["hello.txt"]
+OPERATIONS = REPO / "docs" / "operations.md"
+
+
+# ------------------------------------------------------------------------- pure --
+
+
+def test_address() -> None:
+    assert logs.address("127.0.0.1", 43442) == "127.0.0.1:43442"
+    assert logs.address("::1", 43442) == "[::1]:43442"
+    assert logs.address("fe80::1%2", 69) == "[fe80::1%2]:69"
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        (b"pxelinux.cfg/default", "pxelinux.cfg/default"),
+        (b"caf\xc3\xa9.cfg", "café.cfg"),  # UTF-8 stays text
+        (b"bad\xff\xfe", "bad\\xff\\xfe"),  # other bytes escaped
+        (b"two\nlines\r\t", "two\\nlines\\r\\t"),  # a name cannot break a log line
+        (b"grub\\grub.cfg", "grub\\grub.cfg"),  # DOS separators as they came
+    ],
+)
+def test_filename(name: bytes, shown: str) -> None:
+    assert logs.filename(name) == shown
+
+
+def test_json_fields_are_plain() -> None:
+    from twisted.logger import LogLevel
+
+    line = logs.event_as_json({"log_format": "{outcome} {file}", "log_level": LogLevel.warn, "log_time": 0.5,
+                               "log_namespace": "tftp_offload", "outcome": "complete", "file": "a", "raw": b"\xff",
+                               "pair": ("::1", 69), "log_logger": object()})
+    assert json.loads(line) == {"time": "1970-01-01T00:00:00.500Z", "level": "warn", "namespace": "tftp_offload",
+                                "text": "complete a", "outcome": "complete", "file": "a", "raw": "\\xff",
+                                "pair": ["::1", 69]}
+
+
+# ------------------------------------------------------------------ clients --
+
+Client = Tuple[str, int]
+
+
+def shown(client: Client) -> str:
+    return logs.address(*client)
+
+
+def fetch_hello(host: str, port: int) -> Client:
+    """hello.txt, lock-step, no options: one DATA, one ACK."""
+    with tftp_client.udp_socket(host) as sock:
+        sock.settimeout(5)
+        sock.sendto(tftp_client.rrq(b"hello.txt"), (host, port))
+        data, peer = sock.recvfrom(70000)
+        assert data == b"\0\3\0\1" + HELLO, data
+        sock.sendto(tftp_client.ack(1), peer)
+        return sock.getsockname()[0], sock.getsockname()[1]
+
+
+def fetch_missing(host: str, port: int) -> Client:
+    with tftp_client.udp_socket(host) as sock:
+        sock.settimeout(5)
+        sock.sendto(tftp_client.rrq(b"no-such-file"), (host, port))
+        data, _ = sock.recvfrom(70000)
+        assert tftp_client.parse_error(data) == (1, "File not found"), data
+        return sock.getsockname()[0], sock.getsockname()[1]
+
+
+def abort_after_one_block(host: str, port: int) -> Client:
+    with tftp_client.udp_socket(host) as sock:
+        sock.settimeout(5)
+        sock.sendto(tftp_client.rrq(b"1m.bin"), (host, port))
+        data, peer = sock.recvfrom(70000)
+        assert data[:4] == b"\0\3\0\1", data[:4]
+        sock.sendto(tftp_client.ack(1), peer)
+        sock.recvfrom(70000)  # block 2: one block (512 bytes) was acknowledged
+        sock.sendto(tftp_client.error(0, b"user abort"), peer)
+        return sock.getsockname()[0], sock.getsockname()[1]
+
+
+def probe_then_fetch(host: str, port: int, wait: float = 0.5) -> Tuple[Client, float]:
+    """The UEFI way: RRQ with tsize 0, the OACK, ERROR 8, and at once the same RRQ from the same port.
+
+    Returns the client address and how long the follow-up waited for its first answer; the
+    follow-up is never resent, so an answer within `wait` means it was served at once."""
+    request = tftp_client.rrq(b"1k.bin", options={"tsize": "0", "blksize": "1468"})
+    with tftp_client.udp_socket(host) as sock:
+        sock.settimeout(5)
+        sock.sendto(request, (host, port))
+        oack, peer = sock.recvfrom(70000)
+        assert tftp_client.parse_oack(oack) == {"tsize": "1024", "blksize": "1468"}, oack
+        sock.sendto(tftp_client.error(8, b"size only"), peer)
+        sock.sendto(request, (host, port))  # no gap
+        sent = time.monotonic()
+        sock.settimeout(wait)
+        try:
+            answer, peer = sock.recvfrom(70000)
+        except socket.timeout:
+            return (sock.getsockname()[0], sock.getsockname()[1]), float("inf")
+        waited = time.monotonic() - sent
+        assert tftp_client.opcode_of(answer) == tftp_client.OACK, answer
+        sock.sendto(tftp_client.ack(0), peer)
+        data, _ = sock.recvfrom(70000)
+        assert len(data) == 4 + 1024
+        sock.sendto(tftp_client.ack(1), peer)
+        return (sock.getsockname()[0], sock.getsockname()[1]), waited
+
+
+def wait_for(server: TwistdServer, predicate: Callable[[str], bool], what: str, timeout: float = 10) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        log = server.log()
+        if predicate(log):
+            return log
+        time.sleep(0.05)
+    raise AssertionError(f"the log never showed {what}:\n{server.log()[-4000:]}")
+
+
+def line_for(log: str, client: Client) -> str:
+    [line] = [line for line in log.splitlines() if f" to {shown(client)}" in line]
+    return line
+
+
+# ------------------------------------------------------------------- as text --
+
+
+@pytest.fixture(scope="module")
+def text_server(twistd_factory: StartServer) -> TwistdServer:
+    return twistd_factory()
+
+
+def test_end_lines_as_text(text_server: TwistdServer) -> None:
+    port = text_server.port
+    ok, missing = fetch_hello("127.0.0.1", port), fetch_missing("::1", port)
+    aborted = abort_after_one_block("127.0.0.1", port)
+    log = wait_for(text_server, lambda log: all(f" to {shown(c)}" in log for c in (ok, missing, aborted)),
+                   "three end lines")
+    stamp = r"^\S+ \[tftp_offload#info\] "
+    assert re.match(stamp + re.escape(f"complete hello.txt to 127.0.0.1:{ok[1]}: 24 bytes in ") + r"\d+\.\d{3}s "
+                    + re.escape("(blksize 512, windowsize 1)") + "$", line_for(log, ok)), line_for(log, ok)
+    assert re.match(stamp + re.escape(f"refused no-such-file to [::1]:{missing[1]}: File not found (ERROR 1)") + "$",
+                    line_for(log, missing)), line_for(log, missing)
+    assert re.match(stamp + re.escape(f"client-error 1m.bin to 127.0.0.1:{aborted[1]}: 512 bytes of 1048576 in ")
+                    + r"\d+\.\d{3}s " + re.escape("(blksize 512, windowsize 1); the client said ERROR 0: user abort")
+                    + "$", line_for(log, aborted)), line_for(log, aborted)
+    for python_repr in ("b'", "('127.0.0.1'", "('::1'"):
+        assert python_repr not in log
+
+
+def test_size_probe_is_one_probe_line_and_its_follow_up_is_served_at_once(text_server: TwistdServer) -> None:
+    """Ten probes, each followed with no gap by the real request from the same port: every follow-up
+    is answered at once (none waits for the client's retry), and each shows as probe then complete."""
+    results = [probe_then_fetch(host, text_server.port) for host in ("127.0.0.1", "::1") * 6]
+    late = [waited for _, waited in results if waited >= 0.5]
+    assert not late, f"{len(late)} of {len(results)} follow-ups were not served at once"
+    log = wait_for(text_server, lambda log: all(f"complete 1k.bin to {shown(c)}" in log for c, _ in results),
+                   "every follow-up complete")
+    for client, _ in results:
+        probe, complete = [line for line in log.splitlines() if f" to {shown(client)}" in line]
+        assert re.search(re.escape(f"] probe 1k.bin to {shown(client)}: told the size, 1024 bytes, in ")
+                         + r"\d+\.\d{3}s"
+                         + re.escape(" (blksize 1468, windowsize 1); the client said ERROR 8: size only") + "$",
+                         probe), probe
+        assert f"] complete 1k.bin to {shown(client)}: 1024 bytes" in complete
+
+
+def test_a_refusal_to_tftp_hpa_is_one_line(text_server: TwistdServer, tmp_path: Any) -> None:
+    """tftp-hpa acknowledges the ERROR it gets at the request port: that is normal, not a line."""
+    before = len(text_server.log().splitlines())
+    subprocess.run(["tftp", "127.0.0.1", str(text_server.port), "-c", "get", "no-such-hpa", str(tmp_path / "x")],
+                   capture_output=True, timeout=30, check=False)
+    time.sleep(0.5)
+    new = text_server.log().splitlines()[before:]
+    assert len(new) == 1 and "] refused no-such-hpa to 127.0.0.1:" in new[0], new
+
+
+def test_start_up_line_names_the_backend(text_server: TwistdServer) -> None:
+    log = text_server.log()
+    for host in text_server.hosts:
+        assert f"Serving TFTP on {logs.address(host, text_server.port)}: files from {text_server.root} (directory)" \
+            in log, log
+
+
+def test_quiet_keeps_only_what_went_wrong(twistd_factory: StartServer) -> None:
+    server = twistd_factory("--quiet")
+    ok, missing = fetch_hello("127.0.0.1", server.port), fetch_missing("127.0.0.1", server.port)
+    probed, _ = probe_then_fetch("127.0.0.1", server.port)
+    log = wait_for(server, lambda log: f" to {shown(missing)}" in log, "the refusal")
+    time.sleep(0.3)
+    log = server.log()
+    assert f" to {shown(ok)}" not in log and f" to {shown(probed)}" not in log, log
+
+
+# ------------------------------------------------------------------- as JSON --
+
+
+@pytest.fixture(scope="module")
+def json_server(twistd_factory: StartServer) -> TwistdServer:
+    return twistd_factory("--log-format", "json")
+
+
+def json_events(server: TwistdServer) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in server.log().splitlines()]  # every line is one JSON object
+
+
+def ends(server: TwistdServer, client: Client) -> List[Dict[str, Any]]:
+    return [e for e in json_events(server) if e.get("event") == "transfer-end" and e.get("client") == shown(client)]
+
+
+def test_end_events_as_json(json_server: TwistdServer) -> None:
+    port = json_server.port
+    ok, missing, aborted = (fetch_hello("127.0.0.1", port), fetch_missing("::1", port),
+                            abort_after_one_block("::1", port))
+    wait_for(json_server, lambda log: all(ends(json_server, c) for c in (ok, missing, aborted)), "three end events")
+    common = {"level": "info", "namespace": "tftp_offload", "event": "transfer-end", "kind": None}
+    [event] = ends(json_server, ok)
+    assert event.pop("duration") >= 0 and event.pop("time").endswith("Z")
+    assert event == {**common, "text": event["text"], "outcome": "complete", "file": "hello.txt",
+                     "client": shown(ok), "client_host": "127.0.0.1", "client_port": ok[1], "local": "127.0.0.1",
+                     "local_port": port, "size": 24, "bytes": 24, "blksize": 512, "windowsize": 1, "retransmits": 0,
+                     "error_code": None, "error_message": None, "error_by": None}
+    assert event["text"].startswith(f"complete hello.txt to 127.0.0.1:{ok[1]}: 24 bytes in ")
+    [event] = ends(json_server, missing)
+    assert {k: event[k] for k in ("outcome", "file", "client_host", "client_port", "local", "bytes", "size",
+                                  "error_code", "error_message", "error_by")} == {
+        "outcome": "refused", "file": "no-such-file", "client_host": "::1", "client_port": missing[1], "local": "::1",
+        "bytes": 0, "size": None, "error_code": 1, "error_message": "File not found", "error_by": "server"}
+    [event] = ends(json_server, aborted)
+    assert {k: event[k] for k in ("outcome", "file", "bytes", "size", "error_code", "error_message", "error_by")} == {
+        "outcome": "client-error", "file": "1m.bin", "bytes": 512, "size": 1048576, "error_code": 0,
+        "error_message": "user abort", "error_by": "client"}
+    [start] = [e for e in json_events(json_server) if e.get("event") == "transfer-start" and e["client"] == shown(ok)]
+    assert {k: start[k] for k in ("file", "size", "blksize", "windowsize", "local_port")} == {
+        "file": "hello.txt", "size": 24, "blksize": 512, "windowsize": 1, "local_port": port}
+
+
+def test_jq_reads_the_log(json_server: TwistdServer) -> None:
+    """The query README and docs/operations.md show, run by jq itself on the real log file."""
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.fail("jq is not installed: run scripts/setup")
+    missing = fetch_missing("127.0.0.1", json_server.port)
+    wait_for(json_server, lambda log: ends(json_server, missing), "the refusal")
+    query = documented_jq_query()
+    done = subprocess.run([jq, "-c", query, str(json_server.log_path)], capture_output=True, text=True, timeout=30,
+                          check=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {"outcome": "refused", "file": "no-such-file", "client": shown(missing), "error": "File not found"} in rows
+    assert all(row["outcome"] not in ("complete", "probe") for row in rows), rows
+
+
+def documented_jq_query() -> str:
+    text = OPERATIONS.read_text()
+    found = re.findall(r"jq -c '([^']+)' ", text)
+    assert found, "docs/operations.md shows no jq query"
+    assert found[0] in (REPO / "README.md").read_text(), "README shows another jq query than docs/operations.md"
+    return found[0]
+
+
+# -------------------------------------------------------------- grep recipes --
+
+
+def recipes() -> Dict[str, str]:
+    """The `--grep 'PATTERN'` recipes of docs/operations.md, by the comment that ends each line."""
+    found = re.findall(r"--grep '([^']+)'\s+# (.+)", OPERATIONS.read_text())
+    return {comment.strip(): pattern for pattern, comment in found}
+
+
+def test_grep_recipes_match_what_is_written(twistd_factory: StartServer) -> None:
+    server = twistd_factory("--give-up", "1", "--timeout", "0.2")
+    port = server.port
+    ok, missing, aborted = fetch_hello("127.0.0.1", port), fetch_missing("127.0.0.1", port), \
+        abort_after_one_block("::1", port)
+    probed, _ = probe_then_fetch("::1", port)
+    with tftp_client.udp_socket("::1") as sock:  # asks, then never answers: a timeout
+        sock.sendto(tftp_client.rrq(b"1m.bin"), ("::1", port))
+        stalled = (sock.getsockname()[0], sock.getsockname()[1])
+        log = wait_for(server, lambda log: f" to {shown(stalled)}" in log, "the timeout", timeout=15)
+    lines = [line for line in log.splitlines() if "[tftp_offload#" in line]
+    by = {name: [line for line in lines if f" to {shown(c)}" in line]
+          for name, c in {"ok": ok, "missing": missing, "aborted": aborted, "probed": probed,
+                          "stalled": stalled}.items()}
+    assert [line.split("] ")[1].split()[0] for line in by["stalled"]] == ["timeout"], by["stalled"]
+    # The lines of these requests, the start-up lines and any warning (not the readiness probes' fetches).
+    lines = [line for line in lines if any(line in group for group in by.values()) or " to " not in line]
+    found = recipes()
+    assert set(found) >= {"this boot's trouble", "UEFI size probes", "one machine (by address)"}, found
+
+    def grep(pattern: str) -> List[str]:
+        return [line for line in lines if re.search(pattern, line)]
+
+    trouble = grep(found["this boot's trouble"])
+    assert set(trouble) == set(by["missing"] + by["aborted"] + by["stalled"]), trouble
+    probes = grep(found["UEFI size probes"])
+    assert probes == [line for line in by["probed"] if "] probe " in line] and len(probes) == 1, probes
+    machine = grep(found["one machine (by address)"].replace(r"192\.0\.2\.77", r"127\.0\.0\.1"))
+    assert set(machine) == set(by["ok"] + by["missing"]), machine
