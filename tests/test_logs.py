@@ -172,13 +172,15 @@ def test_end_lines_as_text(text_server: TwistdServer) -> None:
 def test_size_probe_is_one_probe_line_and_its_follow_up_is_served_at_once(text_server: TwistdServer) -> None:
     """Ten probes, each followed with no gap by the real request from the same port: every follow-up
     is answered at once (none waits for the client's retry), and each shows as probe then complete."""
+    before = len(text_server.log().splitlines())
     results = [probe_then_fetch(host, text_server.port) for host in ("127.0.0.1", "::1") * 6]
     late = [waited for _, waited in results if waited >= 0.5]
     assert not late, f"{len(late)} of {len(results)} follow-ups were not served at once"
     log = wait_for(text_server, lambda log: all(f"complete 1k.bin to {shown(c)}" in log for c, _ in results),
                    "every follow-up complete")
     for client, _ in results:
-        probe, complete = [line for line in log.splitlines() if f" to {shown(client)}" in line]
+        # This test's lines only, and "ADDR:PORT:" whole: port 4344 must not match 43442.
+        probe, complete = [line for line in log.splitlines()[before:] if f" to {shown(client)}: " in line]
         assert re.search(re.escape(f"] probe 1k.bin to {shown(client)}: told the size, 1024 bytes, in ")
                          + r"\d+\.\d{3}s"
                          + re.escape(" (blksize 1468, windowsize 1); the client said ERROR 8: size only") + "$",
