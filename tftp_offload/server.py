@@ -38,6 +38,7 @@ from .packets import (
     encode_oack,
 )
 from .readers import NetasciiReader
+from .stats import Stats, report_outcome
 from .udp import Address, RequestPort, TransferPort, is_ipv6, path_mtu, plain_host
 
 log = Logger(namespace="tftp_offload")
@@ -112,6 +113,7 @@ class TFTPServer:
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
         self.quiet = quiet
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
+        self.stats = Stats()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -137,11 +139,14 @@ class TFTPServer:
                 # ERROR is larger than the smallest malformed request: no amplifier for spoofers).
                 listener.reply(encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}"),
                                wire_client, local)
+                self.stats.error_sent(ErrorCode.ILLEGAL_OPERATION)
+            self.stats.refuse("malformed")
             return
         if not isinstance(packet, Request):
             if self._bad.allow(self.reactor.seconds()):
                 log.info("Ignored {opcode} from {client} on the request port", client=client,
                          opcode=Opcode(data[1]).name, outcome="ignored")
+            self.stats.refuse("not-request")
             return
         if packet.opcode == Opcode.WRQ:
             if self._bad.allow(self.reactor.seconds()):
@@ -150,8 +155,10 @@ class TFTPServer:
             listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
                                         "Write requests are not supported: this server is read-only"),
                            wire_client, local)
+            self.stats.refuse("wrq", ErrorCode.ACCESS_VIOLATION)
             return
         if not self.accepting:
+            self.stats.refuse("draining")
             return
         now = self.reactor.seconds()
         existing = self.sessions.get(client)
@@ -175,6 +182,7 @@ class TFTPServer:
                 log.warn("Dropped request for {file!r} from {client}: {sessions} transfers running "
                          "(--max-sessions); the client will retry", client=client, file=packet.filename,
                          sessions=len(self.sessions), outcome="busy")
+            self.stats.refuse("capacity")
             return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
@@ -288,6 +296,10 @@ class Session(DatagramProtocol):
         self._timer: Optional[IDelayedCall] = None
         self._reading = False
         self._port: Optional[TransferPort] = None
+        self.sent = 0
+        """Datagrams sent to the client on the transfer port."""
+        self.first_sent: Optional[float] = None
+        self.answered_at: Optional[float] = None
 
     # -- phase 1: ask the backend -------------------------------------------------------------
 
@@ -316,6 +328,7 @@ class Session(DatagramProtocol):
     def _reply_error(self, code: int, message: str) -> None:
         """An ERROR before the transfer has a port of its own: from the listener, from the RRQ's address."""
         self.listener.reply(encode_error(code, message), self.wire_client, self.local)
+        self.server.stats.error_sent(code)
 
     def _lookup_timed_out(self) -> None:
         self._timer = None
@@ -336,6 +349,7 @@ class Session(DatagramProtocol):
         else:
             log.failure("Backend failed on {file!r} from {client}", failure=failure,
                         file=self.request.filename, client=self.client, outcome="backend-error")
+        self.server.stats.lookup_failed(self, self.server.reactor.seconds())
         self._reply_error(code, message)
         self._end("refused")
 
@@ -348,6 +362,7 @@ class Session(DatagramProtocol):
             self._timer = None
         request = self.request
         self._backend_reader = reader
+        self.server.stats.answered(self, reader, self.server.reactor.seconds())
         self.reader = reader = NetasciiReader(reader) if request.mode == "netascii" else reader
         try:
             size = reader.size
@@ -366,6 +381,7 @@ class Session(DatagramProtocol):
         self.engine = engine = ReadTransfer(negotiated, self.server.limits,
                                             encode_oack(negotiated.oack) if negotiated.oack else None)
         now = self.server.reactor.seconds()
+        self.server.stats.transfers_started += 1
         self._send(engine.start(now))
         self._pump(now)
         self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
@@ -379,6 +395,7 @@ class Session(DatagramProtocol):
         if addr != self.client:
             # RFC 1350: answer a stranger with ERROR 5 and carry on with the real peer.
             self._port.send(UNKNOWN_TID, addr)  # type: ignore[union-attr]
+            self.server.stats.refuse("stranger", ErrorCode.UNKNOWN_TID)
             return
         now = self.server.reactor.seconds()
         out = engine.datagram(datagram, now)
@@ -392,6 +409,9 @@ class Session(DatagramProtocol):
     def _send(self, datagrams: List[bytes]) -> None:
         send = self._port.send  # type: ignore[union-attr]
         client = self.client
+        if self.first_sent is None and datagrams:  # metrics: RRQ to first datagram
+            self.first_sent = self.server.reactor.seconds()
+        self.sent += len(datagrams)
         for datagram in datagrams:
             send(datagram, client)
 
@@ -459,6 +479,7 @@ class Session(DatagramProtocol):
         if message is not None:
             if self.engine is not None:
                 self._send([self.engine.abort(message)])
+                self.server.stats.error_sent(ErrorCode.NOT_DEFINED)
             else:
                 self._reply_error(ErrorCode.NOT_DEFINED, message)
         # A lookup still running is left to finish: _got_reader finishes a late reader, and
@@ -483,12 +504,14 @@ class Session(DatagramProtocol):
             told = getattr(self._backend_reader, "transfer_finished", None)
             if told is not None and report is not None:
                 try:
-                    told(report)
+                    told({**report, "outcome": report_outcome(outcome)})  # documented values only
                 except Exception:
                     log.failure("reader.transfer_finished() failed")
             _finish_reader(self.reader)
         if report is not None and not (outcome == Outcome.COMPLETE and self.server.quiet):
             log.info("{outcome} {file!r} to {client}: {bytes} bytes in {duration:.3f}s", **report)
+        if self.engine is not None:
+            self.server.stats.transfer_ended(self, self.server.reactor.seconds())
         # Last: forgetting the last session fires drain()'s Deferred, by which time the reader
         # must be finished (ephemeral files removed, the backend told).
         self.server.forget(self)

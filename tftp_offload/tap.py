@@ -83,6 +83,7 @@ class Options(usage.Options):
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
+        ["metrics", None, None, "Serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client)."],
     ]
 
     def __init__(self) -> None:
@@ -110,6 +111,22 @@ class Options(usage.Options):
             self.listen = list(DEFAULT_LISTEN)
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
+        if self["metrics"] is not None:
+            self["metrics"] = metrics_address(self["metrics"])
+
+
+def metrics_address(text: str) -> Tuple[str, int]:
+    """--metrics HOST:PORT (as --listen), checked here: without the library, say what to install."""
+    try:
+        address = parse_listen(text)
+    except usage.UsageError as e:
+        raise usage.UsageError(str(e).replace("--listen", "--metrics", 1)) from None
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise usage.UsageError("--metrics needs the prometheus-client library: pip install "
+                               "'tftp-offload[metrics]' (Debian: apt install python3-prometheus-client)") from None
+    return address
 
 
 def make_backend(options: Options) -> IBackend:
@@ -175,5 +192,9 @@ def makeService(options: Options) -> IService:
         inherited=options.inherited,
     )
     tftp.setServiceParent(top)
+    if options["metrics"] is not None:
+        from .metrics import MetricsService
+
+        MetricsService(tftp, options["metrics"]).setServiceParent(top)
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
     return top

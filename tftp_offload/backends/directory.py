@@ -48,7 +48,9 @@ class DirectoryBackend:
         path = self.resolve(file_name)
         # The canonical path has no link left unless one was swapped in since: do not follow one.
         fd = open_regular(path, follow_symlinks=False)
-        return FileReader(fd)
+        reader = FileReader(fd)
+        reader.kind = "directory"
+        return reader
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")
