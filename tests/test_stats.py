@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 from typing import Any, Dict, List
 
@@ -39,6 +40,15 @@ def test_histogram_buckets_are_upper_inclusive_and_cumulative() -> None:
     *[(o, o) for o in OUTCOMES], ("superseded", "aborted"), ("refused", "aborted"), (None, "aborted")])
 def test_reports_carry_documented_outcomes_only(outcome: str, reported: str) -> None:
     assert report_outcome(outcome) == reported
+
+
+def test_a_str_enum_outcome_is_reported_by_value() -> None:
+    class Outcome(str, enum.Enum):
+        PROBE = "probe"
+
+    reported = report_outcome(Outcome.PROBE)
+    assert reported == "probe" and type(reported) is str
+    assert {reported: 1}["probe"] == 1
 
 
 class KindReader(Reader):

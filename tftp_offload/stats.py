@@ -96,7 +96,8 @@ class TransferReport:
 def report_outcome(outcome: Optional[str]) -> str:
     """A session's outcome as reports carry it: the documented values only (a transfer superseded by
     a new request from its client, or ended from our side for any other reason, is `aborted`)."""
-    return outcome if outcome in OUTCOMES else "aborted"  # type: ignore[return-value]
+    text = str(getattr(outcome, "value", outcome))  # a str Enum member hashes by name, not value
+    return text if text in OUTCOMES else "aborted"
 
 
 def reader_kind(reader: Any) -> str:
