@@ -192,3 +192,53 @@ def test_a_scrape_counts_each_transfer_exactly(metered: Tuple[Twistd, str], tmp_
     assert samples['tftp_transfer_duration_seconds_bucket{le="+Inf"}'] == 5
     assert samples['tftp_transfer_duration_seconds_bucket{le="0.001"}'] <= samples[
         'tftp_transfer_duration_seconds_bucket{le="1.0"}'] <= 5
+
+
+# ------------------------------------------------------- the collector on its own --
+
+
+class _Backend:
+    """What the collector reads from an AMP backend: `connected` and its `stats` counters."""
+
+    def __init__(self, connected: bool, connections: int) -> None:
+        self.connected = connected
+        self.stats = {"connections": connections, "cache_hits": 7, "coalesced": 3}
+
+
+def render(server: object) -> Dict[str, float]:
+    from prometheus_client.core import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    from tftp_offload.metrics import TFTPCollector
+
+    registry = CollectorRegistry(auto_describe=False)  # a host's own registry, as docs/embedding.md shows
+    registry.register(TFTPCollector(lambda: server))  # type: ignore[arg-type]
+    samples = {}
+    for line in generate_latest(registry).decode().splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+@pytest.mark.parametrize(("connected", "connections", "up", "reconnects"), [(True, 1, 1, 0), (False, 3, 0, 2)])
+def test_backend_connection_series(connected: bool, connections: int, up: int, reconnects: int) -> None:
+    from types import SimpleNamespace
+
+    from tftp_offload.stats import Stats
+
+    stats = Stats()
+    stats.refuse("capacity")
+    stats.error_sent(0)
+    server = SimpleNamespace(stats=stats, sessions={}, backend=_Backend(connected, connections))
+    samples = render(server)
+    assert samples["tftp_backend_up"] == up
+    assert samples["tftp_backend_reconnects_total"] == reconnects
+    assert samples['tftp_backend_lookups_saved_total{how="cache"}'] == 7
+    assert samples['tftp_backend_lookups_saved_total{how="coalesced"}'] == 3
+    assert samples['tftp_requests_refused_total{reason="capacity"}'] == 1
+    assert samples['tftp_errors_sent_total{code="0"}'] == 1
+
+
+def test_nothing_is_exported_before_the_service_starts() -> None:
+    assert render(None) == {}
