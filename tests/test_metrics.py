@@ -9,6 +9,7 @@ Synchronous pytest: the test drives real processes and sockets, no reactor here.
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -18,6 +19,7 @@ from typing import Dict, Iterator, Tuple
 
 import pytest
 import tftp_client
+from offload_support import short_dir, start_backend, start_server
 from service_process import Twistd, curl_fetch, start_listening
 
 HOST = "127.0.0.1"
@@ -242,3 +244,39 @@ def test_backend_connection_series(connected: bool, connections: int, up: int, r
 
 def test_nothing_is_exported_before_the_service_starts() -> None:
     assert render(None) == {}
+
+
+# ------------------------------------------------- a real AMP backend going away --
+
+
+def test_backend_up_down_and_reconnects(tmp_path: Path, reactor_name: str) -> None:
+    """twistd --socket --metrics against the reference backend: tftp_backend_up follows the
+    connection, tftp_backend_reconnects_total counts the connection made after a backend restart."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "hello.txt").write_bytes(FILES["hello.txt"])
+    sockets = short_dir()
+    socket_path = f"{sockets}/backend.sock"
+    port = free_tcp_port()
+    url = f"http://{HOST}:{port}/metrics"
+    backend = start_backend(tmp_path / "b1", socket_path, root, reactor_name)
+    processes = [backend]
+    try:
+        server = start_server(tmp_path / "s", socket_path, root, reactor_name, [HOST], "--metrics", f"{HOST}:{port}")
+        processes.append(server)
+        samples = scrape(url)
+        assert samples["tftp_backend_up"] == 1 and samples["tftp_backend_reconnects_total"] == 0
+        assert samples['tftp_backend_answers_total{kind="inline"}'] >= 1  # the readiness probe's hello.txt
+
+        backend.stop()
+        assert wait_for(url, "tftp_backend_up", 0)["tftp_backend_up"] == 0
+        backend = start_backend(tmp_path / "b2", socket_path, root, reactor_name)
+        processes.append(backend)
+        samples = wait_for(url, "tftp_backend_up", 1)
+        assert samples["tftp_backend_up"] == 1 and samples["tftp_backend_reconnects_total"] == 1
+        assert tftp_client.get(HOST, server.port, b"hello.txt").data == FILES["hello.txt"]
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
+    assert "Traceback" not in server.log()
