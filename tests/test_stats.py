@@ -131,3 +131,21 @@ async def test_an_observer_that_raises_is_logged_and_harmless(serve: Serving, lo
     assert len(failures) == 2 and failures[0]["log_failure"].check(RuntimeError)
     for failure in failures:
         failure["log_failure"].cleanFailure()
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_datagram_is_timed_when_the_first_read_is_asynchronous(serve: Serving) -> None:
+    """No OACK and a reader answering with Deferreds: the first datagram leaves a reactor turn after the
+    backend's answer, and that is when it is timed."""
+    reports: List[TransferReport] = []
+    service = serve(Backend({b"file": FILE}, deferred=True), observer=reports.append)
+    server = ("127.0.0.1", service.addresses()[0][1])
+    got = await download(serve.peer(), server)
+    assert got.complete and got.data == FILE
+    await until(lambda: len(reports) == 1, what="a report")
+    report = reports[0]
+    assert report.first_datagram is not None and report.lookup < report.first_datagram <= report.duration
+    assert report.datagrams == 6 and report.kind == "other"  # 3000 bytes: five full blocks and a short one
+    stats = service.server.stats  # type: ignore[union-attr]
+    assert stats.first_datagram_seconds.count == 1 and stats.datagrams_sent == 6
+    await serve.settled(service)
