@@ -115,6 +115,7 @@ async def test_every_answer_kind(pair: Start, tmp_path: Path) -> None:
     for name, want, kind, size in cases:
         reader = await get_reader(client, name)
         assert isinstance(inner(reader), kind), name
+        assert reader.kind == ("stream" if name == b"unsized" else name.decode()), name  # for metrics
         assert reader.size == size, name
         if name == b"ephemeral":
             assert not list(eph_dir.iterdir()), "an ephemeral file is unlinked as soon as it is opened"
@@ -369,11 +370,13 @@ async def test_backend_restart(pair: Start, sock_dir: str) -> None:
     first = FakeBackend({b"f": lambda: Reader(b"one"), b"g": lambda: Reader(b"never served")})
     client, service = pair(first, path=path, timeout=3.0)
     assert await fetch(client, b"f") == b"one"
+    assert client.connected and client.stats["connections"] == 1
     # The backend holds a lookup, then goes away in the middle of it.
     first.hold()
     cut_off = get_reader(client, b"g", remote="127.0.0.2")
     await wait_for(lambda: (first.held is not None and len(first.held) == 1) or first.count(b"g") == 1)
     await service.stopService()
+    await wait_for(lambda: not client.connected)  # tftp_backend_up 0
     waiting = get_reader(client, b"f", remote="127.0.0.3")  # while nobody listens
     await turn(0.2)
     second = FakeBackend({b"f": lambda: Reader(b"two"), b"g": lambda: Reader(b"gee")})
@@ -387,6 +390,7 @@ async def test_backend_restart(pair: Start, sock_dir: str) -> None:
         assert await read_all(reader) == b"gee"
         reader.finish()
         assert client.stats["resent"] >= 1
+        assert client.connected and client.stats["connections"] == 2  # one reconnect
     finally:
         await new_service.stopService()
     first.release()

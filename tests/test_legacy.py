@@ -273,6 +273,7 @@ async def test_ephemeral_file_is_served_and_deleted(serve: Serving, rackd: Rackd
     name = "eph/3000/pxelinux.cfg/01-52-54-00-12-34-56"
     got = await fetch(serve, service, name.encode(), {"tsize": "0"})
     assert got.complete
+    assert service.server is not None and service.server.stats.answers["ephemeral"] == 1
     assert got.data == render("127.0.0.1", "127.0.0.1", name, 3000)
     assert got.oack == {"tsize": "3000"}
     assert rackd.eph_files() == []
@@ -405,13 +406,16 @@ async def test_responder_absent_then_started(serve: Serving, rackd: Rackd, log_e
     rackd.port = None
     if os.path.exists(rackd.socket_path):
         os.unlink(rackd.socket_path)
-    service = serve(rackd.backend(timeout=2.0))
+    backend = rackd.backend(timeout=2.0)
+    service = serve(backend)
+    assert backend.connected is None  # no request yet: nothing known (no tftp_backend_up series)
     for _ in range(2):
         started = time.monotonic()
         got = await fetch(serve, service, b"hello.txt")
         assert got.error == (0, UNREACHABLE)
         assert time.monotonic() - started < 1.0  # at once, not after the 2 s backend timeout
     assert len(events_with(log_events, outcome="backend-unavailable")) == 2
+    assert backend.connected is False
 
     # A socket file nobody listens on (rackd died): refused at once too.
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -424,6 +428,8 @@ async def test_responder_absent_then_started(serve: Serving, rackd: Rackd, log_e
     rackd.start()
     got = await fetch(serve, service, b"hello.txt")
     assert got.complete and got.data == HELLO
+    assert backend.connected is True
+    assert service.server is not None and service.server.stats.answers["path"] == 1  # a static file
 
 
 @pytest_twisted.ensureDeferred

@@ -37,6 +37,14 @@ def test_every_argument_is_documented(command: Any) -> None:
         assert code.decode() in section or code.decode() in DOC.read_text(), code
 
 
+def test_every_outcome_a_report_carries_is_documented() -> None:
+    """TransferFinished's `outcome` takes the values of stats.OUTCOMES, each described in the doc, and no other."""
+    from tftp_offload.stats import OUTCOMES
+
+    documented = re.findall(r"^- `([a-z-]+)`: ", doc_section(offload.TransferFinished), re.M)
+    assert sorted(documented) == sorted(OUTCOMES)
+
+
 def test_documented_arguments_exist() -> None:
     """...and the doc describes no argument the module does not have (it would mislead backend authors)."""
     for command in offload.COMMANDS:

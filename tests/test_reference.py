@@ -399,3 +399,28 @@ def test_reference_backend_options() -> None:
     options.parseOptions(["--socket", "/tmp/x.sock", "--root", "/tmp", "--mode", "0660"])
     assert options["mode"] == 0o660
     assert Options()["mode"] == 0o600
+
+
+def test_the_backend_logs_each_transfer_report(healthy: Stack, tmp_path: Path) -> None:
+    """TransferFinished reaches the backend that chose the file: one log line per transfer, with its outcome."""
+    tag = f"report_{os.getpid()}_{time.monotonic_ns()}"  # [\w.]: a valid generated/ suffix
+    out = tmp_path / "out"
+    proc = client_download("curl", healthy, "127.0.0.1", f"pxelinux.cfg/{tag}", out)
+    assert proc.returncode == 0, proc.stderr
+    size = out.stat().st_size
+    # A client that gives up after the first block.
+    with tftp_client.udp_socket("127.0.0.1") as sock:
+        sock.settimeout(5)
+        sock.sendto(tftp_client.rrq(f"generated/big100000-{tag}".encode()), ("127.0.0.1", healthy.port))
+        _, peer = sock.recvfrom(70000)
+        sock.sendto(tftp_client.error(0, b"enough"), peer)
+
+    def lines() -> List[str]:
+        return [line for line in healthy.backend.log().splitlines() if "Transfer of" in line and tag in line]
+
+    wait_until(lambda: len(lines()) == 2)
+    done, quit_ = sorted(lines(), key=lambda line: "generated" in line)
+    assert f"Transfer of 'pxelinux.cfg/{tag}' to 127.0.0.1:" in done
+    assert f": complete, {size} bytes in " in done and "(blksize 1468, window 1, 0 retransmits)" in done
+    assert f"Transfer of 'generated/big100000-{tag}' to 127.0.0.1:" in quit_
+    assert ": client-error, 0 bytes in " in quit_ and "client said 0: enough)" in quit_

@@ -335,3 +335,30 @@ def test_port_taken_after_the_check_is_still_one_line(tmp_path: Path, capfd: pyt
             # What twistd hands the waiting parent: the first 100 bytes of this line.
             line = "1 " + traceback.format_exception_only(StartupError, caught.value)[-1].strip()
             assert len(line) <= 100 and line.endswith(f"127.0.0.1:{port}: Address already in use; see the log"), line
+def test_metrics_option(tmp_path: Path) -> None:
+    options = Options()
+    options.parseOptions(["--root", str(tmp_path), "--metrics", "127.0.0.1:9469"])
+    assert options["metrics"] == ("127.0.0.1", 9469)
+    top = makeService(options)
+    from tftp_offload.metrics import MetricsService
+
+    metrics = [s for s in top if isinstance(s, MetricsService)]  # type: ignore[attr-defined]
+    assert len(metrics) == 1 and metrics[0].address == ("127.0.0.1", 9469)
+    options = Options()
+    options.parseOptions(["--root", str(tmp_path)])
+    assert not any(isinstance(s, MetricsService) for s in makeService(options))  # type: ignore[attr-defined]
+
+
+def test_metrics_bad_address_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(usage.UsageError) as caught:
+        Options().parseOptions(["--root", str(tmp_path), "--metrics", "localhost:http"])
+    assert str(caught.value) == "--metrics 'localhost:http': port must be a number from 0 to 65535"
+
+
+def test_metrics_without_the_library_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import raises ImportError
+    with pytest.raises(usage.UsageError) as caught:
+        Options().parseOptions(["--root", str(tmp_path), "--metrics", "127.0.0.1:9469"])
+    assert str(caught.value) == ("--metrics needs the prometheus-client library: pip install 'tftp-offload[metrics]' "
+                                 "(Debian: apt install python3-prometheus-client)")
+    Options().parseOptions(["--root", str(tmp_path)])  # without --metrics nothing needs it

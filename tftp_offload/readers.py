@@ -82,6 +82,9 @@ class FileReader:
     opened it) reads right; a pipe is read as the stream it is.
     """
 
+    kind = "file"
+    """The answer kind metrics count (`tftp_backend_answers_total`); a backend may set its own."""
+
     def __init__(self, fd: int) -> None:
         self._fd: Optional[int] = fd
         self._offset = 0
@@ -151,6 +154,8 @@ class PathReader(FileReader):
 @implementer(IReader)
 class BytesReader:
     """Serves bytes held in memory: generated configs and other small answers."""
+
+    kind = "bytes"
 
     def __init__(self, data: bytes) -> None:
         self._data = memoryview(bytes(data))

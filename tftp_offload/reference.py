@@ -195,9 +195,13 @@ class ReferenceBackend:
         return PathReader(path, ephemeral=True)
 
     def transfer_finished(self, report: Dict[str, Any]) -> None:
-        """The server's report of one transfer: the reference backend only logs it."""
-        log.info("Transfer of {filename!r} to {remote_ip}:{remote_port}: {outcome}, {bytes} bytes in "
-                 "{duration:.3f} s (blksize {blksize}, window {windowsize}, {retransmits} retransmits)", **report)
+        """The server's report of one transfer (TransferFinished): the reference backend logs it, one line."""
+        name = report["filename"].decode("utf-8", "backslashreplace")
+        remote = f"[{report['remote_ip']}]" if ":" in report["remote_ip"] else report["remote_ip"]
+        error = f"; client said {report['client_error']}" if report.get("client_error") else ""
+        log.info("Transfer of '{name}' to {remote}:{remote_port}: {outcome}, {bytes} bytes in {duration:.3f} s "
+                 "(blksize {blksize}, window {windowsize}, {retransmits} retransmits{error})",
+                 name=name, remote=remote, error=error, **report)
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")

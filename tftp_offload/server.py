@@ -40,6 +40,7 @@ from .packets import (
     encode_oack,
 )
 from .readers import NetasciiReader
+from .stats import Stats, report_outcome
 from .udp import Address, RequestPort, TransferPort, is_ipv6, path_mtu, plain_host
 
 log = Logger(namespace="tftp_offload")
@@ -116,6 +117,7 @@ class TFTPServer:
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
         self.log_starts = False
         """Also log a transfer-start event per transfer (on with --log-format json; the text end line says it all)."""
+        self.stats = Stats()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -141,6 +143,8 @@ class TFTPServer:
                 # ERROR is larger than the smallest malformed request: no amplifier for spoofers).
                 listener.reply(encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}"),
                                wire_client, local)
+                self.stats.error_sent(ErrorCode.ILLEGAL_OPERATION)
+            self.stats.refuse("malformed")
             return
         if not isinstance(packet, Request):
             # An ACK or ERROR here is the normal aftermath of an ERROR sent from this port (tftp-hpa
@@ -148,6 +152,7 @@ class TFTPServer:
             if data[1] not in (Opcode.ACK, Opcode.ERROR) and self._bad.allow(self.reactor.seconds()):
                 log.info("Ignored {opcode} from {client} on the request port", client=logs.address(*client),
                          opcode=Opcode(data[1]).name, event="ignored")
+            self.stats.refuse("not-request")
             return
         if packet.opcode == Opcode.WRQ:
             if self._bad.allow(self.reactor.seconds()):
@@ -157,8 +162,10 @@ class TFTPServer:
             listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
                                         "Write requests are not supported: this server is read-only"),
                            wire_client, local)
+            self.stats.refuse("wrq", ErrorCode.ACCESS_VIOLATION)
             return
         if not self.accepting:
+            self.stats.refuse("draining")
             return
         now = self.reactor.seconds()
         existing = self.sessions.get(client)
@@ -187,6 +194,7 @@ class TFTPServer:
                          "(--max-sessions); the client will retry", client=logs.address(*client),
                          file=logs.filename(packet.filename), sessions=len(self.sessions), event="dropped",
                          reason="capacity")
+            self.stats.refuse("capacity")
             return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
@@ -305,6 +313,10 @@ class Session(DatagramProtocol):
         self._timer: Optional[IDelayedCall] = None
         self._reading = False
         self._port: Optional[TransferPort] = None
+        self.sent = 0
+        """Datagrams sent to the client on the transfer port."""
+        self.first_sent: Optional[float] = None
+        self.answered_at: Optional[float] = None
 
     # -- phase 1: ask the backend -------------------------------------------------------------
 
@@ -334,6 +346,7 @@ class Session(DatagramProtocol):
     def _reply_error(self, code: int, message: str) -> None:
         """An ERROR before the transfer has a port of its own: from the listener, from the RRQ's address."""
         self.listener.reply(encode_error(code, message), self.wire_client, self.local)
+        self.server.stats.error_sent(code)
 
     def _lookup_timed_out(self) -> None:
         self._timer = None
@@ -352,6 +365,7 @@ class Session(DatagramProtocol):
             log.failure("Backend failed on {file} for {client}", failure=failure,
                         file=logs.filename(self.request.filename), client=logs.address(*self.client),
                         event="backend-error")
+        self.server.stats.lookup_failed(self, self.server.reactor.seconds())
         self._reply_error(code, message)
         self._error = (int(code), message, "server")
         self._end(logs.REFUSED)
@@ -365,6 +379,7 @@ class Session(DatagramProtocol):
             self._timer = None
         request = self.request
         self._backend_reader = reader
+        self.server.stats.answered(self, reader, self.server.reactor.seconds())
         self.reader = reader = NetasciiReader(reader) if request.mode == "netascii" else reader
         try:
             size = self.size = reader.size
@@ -386,6 +401,7 @@ class Session(DatagramProtocol):
         now = self.server.reactor.seconds()
         if self.server.log_starts:
             log.info("Sending {file} to {client}", **self.fields(), event="transfer-start")
+        self.server.stats.transfers_started += 1
         self._send(engine.start(now))
         self._pump(now)
         self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
@@ -399,6 +415,7 @@ class Session(DatagramProtocol):
         if addr != self.client:
             # RFC 1350: answer a stranger with ERROR 5 and carry on with the real peer.
             self._port.send(UNKNOWN_TID, addr)  # type: ignore[union-attr]
+            self.server.stats.refuse("stranger", ErrorCode.UNKNOWN_TID)
             return
         now = self.server.reactor.seconds()
         out = engine.datagram(datagram, now)
@@ -412,6 +429,9 @@ class Session(DatagramProtocol):
     def _send(self, datagrams: List[bytes]) -> None:
         send = self._port.send  # type: ignore[union-attr]
         client = self.client
+        if self.first_sent is None and datagrams:  # metrics: RRQ to first datagram
+            self.first_sent = self.server.reactor.seconds()
+        self.sent += len(datagrams)
         for datagram in datagrams:
             send(datagram, client)
 
@@ -480,6 +500,7 @@ class Session(DatagramProtocol):
             self._error = (int(ErrorCode.NOT_DEFINED), message, "server")
             if self.engine is not None:
                 self._send([self.engine.abort(message)])
+                self.server.stats.error_sent(ErrorCode.NOT_DEFINED)
             else:
                 self._reply_error(ErrorCode.NOT_DEFINED, message)
         # A lookup still running is left to finish: _got_reader finishes a late reader, and
@@ -507,13 +528,15 @@ class Session(DatagramProtocol):
             told = getattr(self._backend_reader, "transfer_finished", None)
             if told is not None and self.engine is not None:
                 try:
-                    told(report)
+                    told({**report, "outcome": report_outcome(outcome)})  # documented values only
                 except Exception:
                     log.failure("reader.transfer_finished() failed")
             _finish_reader(self.reader)
         if not (self.server.quiet and self._shown_outcome(report) in (logs.COMPLETE, logs.PROBE)):
             fields = self.fields(report)
             log.info(logs.end_format(fields), **fields, event="transfer-end")
+        if self.engine is not None:
+            self.server.stats.transfer_ended(self, self.server.reactor.seconds())
         # Last: forgetting the last session fires drain()'s Deferred, by which time the reader
         # must be finished (ephemeral files removed, the backend told).
         self.server.forget(self)

@@ -9,7 +9,7 @@ MAAS's rack controller implements). No twistd, no socket, no subprocess.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from .logs import address as show
 from .options import Limits
 from .server import LOOKUP_TIMEOUT, ListenerProtocol, TFTPServer
+from .stats import TransferReport
 from .udp import RequestPort, is_ipv6, plain_host
 
 log = Logger(namespace="tftp_offload")
@@ -45,6 +46,9 @@ class TFTPOffloadService(Service):
     - `quiet`: log only transfers that fail.
     - `drain_timeout`: on stop, seconds running transfers get to finish.
     - `inherited`: (fd, family) of bound UDP sockets to adopt (socket activation).
+    - `observer`: called with a `tftp_offload.stats.TransferReport` as each
+      transfer ends (on the reactor thread; an exception it raises is logged).
+      More can be added to `observers`, before or after the start.
     - `reactor`: defaults to the global one, looked up only when the service starts.
     """
 
@@ -59,6 +63,7 @@ class TFTPOffloadService(Service):
         quiet: bool = False,
         drain_timeout: float = DRAIN_TIMEOUT,
         inherited: Sequence[Tuple[int, int]] = (),
+        observer: Optional[Callable[[TransferReport], Any]] = None,
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -69,6 +74,7 @@ class TFTPOffloadService(Service):
         self.quiet = quiet
         self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
+        self.observers: List[Callable[[TransferReport], Any]] = [observer] if observer is not None else []
         self.server: Optional[TFTPServer] = None
         self.log_starts = False
         """Log a transfer-start event for every transfer too (the end event alone says how it went)."""
@@ -81,6 +87,7 @@ class TFTPOffloadService(Service):
         self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
                                  self.quiet)
         self.server.log_starts = self.log_starts
+        self.server.stats.observers = self.observers  # the same list: observers added later are called too
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:
             for fd, family in self.inherited:

@@ -101,6 +101,7 @@ class Options(usage.Options):
          "every structured field, transfer-start events too; for jq). Written where twistd's --logfile says."],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
+        ["metrics", None, None, "Serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client)."],
     ]
 
     def __init__(self) -> None:
@@ -157,6 +158,8 @@ class Options(usage.Options):
         check_listen(wanted)
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
+        if self["metrics"] is not None:
+            self["metrics"] = metrics_address(self["metrics"])
 
     def check_directory_options(self) -> None:
         """--map-file and --root-per-client: one line for what is wrong, before anything starts."""
@@ -171,6 +174,20 @@ class Options(usage.Options):
                 RuleSet.load(self["map-file"])
             except MapFileError as e:
                 raise usage.UsageError(f"--map-file {e}") from None
+
+
+def metrics_address(text: str) -> Tuple[str, int]:
+    """--metrics HOST:PORT (as --listen), checked here: without the library, say what to install."""
+    try:
+        address = parse_listen(text)
+    except usage.UsageError as e:
+        raise usage.UsageError(str(e).replace("--listen", "--metrics", 1)) from None
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise usage.UsageError("--metrics needs the prometheus-client library: pip install "
+                               "'tftp-offload[metrics]' (Debian: apt install python3-prometheus-client)") from None
+    return address
 
 
 def make_backend(options: Options) -> IBackend:
@@ -303,5 +320,9 @@ def makeService(options: Options) -> IService:
     tftp.setServiceParent(top)
     if isinstance(backend, DirectoryBackend) and backend.map_file is not None:
         ReloadOnHangup(backend.reload).setServiceParent(top)
+    if options["metrics"] is not None:
+        from .metrics import MetricsService
+
+        MetricsService(tftp, options["metrics"]).setServiceParent(top)
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
     return top

@@ -374,15 +374,17 @@ class _StreamReader:
 class _Reported:
     """A reader handed to the server, which tells the backend how its transfer went (`transfer_finished`)."""
 
-    __slots__ = ("_reader", "_backend", "_request", "_request_id", "size", "read")
+    __slots__ = ("_reader", "_backend", "_request", "_request_id", "size", "read", "kind")
 
-    def __init__(self, reader: Any, backend: "AMPBackend", request: _Request, request_id: int) -> None:
+    def __init__(self, reader: Any, backend: "AMPBackend", request: _Request, request_id: int, kind: str) -> None:
         self._reader = reader
         self._backend = backend
         self._request = request
         self._request_id = request_id
         self.size = reader.size
         self.read = reader.read  # the hot path: no extra call per read
+        self.kind = kind
+        """The answer kind (inline, fd, path, ephemeral, stream), for metrics."""
 
     def transfer_finished(self, report: Dict[str, Any]) -> None:
         self._backend._report(self._request, self._request_id, report)
@@ -566,7 +568,7 @@ class AMPBackend(Service):
         self.cache_ttl = cache_ttl
         self.retry_max_delay = retry_max_delay
         self.stats: Dict[str, int] = dict.fromkeys(
-            ("lookups", "answers", "coalesced", "cache_hits", "errors", "resent", "reports"), 0)
+            ("lookups", "answers", "coalesced", "cache_hits", "errors", "resent", "reports", "connections"), 0)
         """Counters, for tests and the operator's curiosity: lookups sent, and how many were saved."""
         self._protocol: Optional[_ClientProtocol] = None
         self._client: Optional[ClientService] = None
@@ -629,7 +631,7 @@ class AMPBackend(Service):
             reader = answer.new_reader()  # a path answer may raise FileNotFound here: the caller's answer
             if reader is not None:
                 self.stats["cache_hits"] += 1
-                return _Reported(reader, self, request, request_id)
+                return _Reported(reader, self, request, request_id, answer.kind)
         waiter = _Waiter(self, request)
         lookup = self._inflight.get(key)
         if lookup is not None:
@@ -706,7 +708,7 @@ class AMPBackend(Service):
             if reader is None:  # a stream already has its reader: this caller needs a stream of its own
                 alone.append(waiter)
             else:
-                given.append((waiter, _Reported(reader, self, waiter.request, lookup.request_id or 0)))
+                given.append((waiter, _Reported(reader, self, waiter.request, lookup.request_id or 0, answer.kind)))
         if not cached:
             answer.release()  # readers already given keep what they need
         for waiter in alone:
@@ -791,8 +793,14 @@ class AMPBackend(Service):
 
     # -- the connection ---------------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        """A greeted connection to the backend is up (the `tftp_backend_up` metric)."""
+        return self._protocol is not None
+
     def _connected(self, protocol: _ClientProtocol, software: Optional[str]) -> None:
         self._protocol = protocol
+        self.stats["connections"] += 1
         self._outage_logged = False
         log.info("Connected to the backend at {path} ({software}, protocol {version})", path=self.socket_path,
                  software=software or "unknown software", version=protocol.version)

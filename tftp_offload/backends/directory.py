@@ -111,7 +111,9 @@ class DirectoryBackend:
         path = self.locate(file_name, remote[0] if remote else None, local[0] if local else None)
         # The canonical path has no link left unless one was swapped in since: do not follow one.
         fd = open_regular(path, follow_symlinks=False)
-        return FileReader(fd)
+        reader = FileReader(fd)
+        reader.kind = "directory"
+        return reader
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")

@@ -252,6 +252,7 @@ class _Lookup:
 
     def _not_connected(self, failure: Failure) -> None:
         self._stop_timer()
+        self.backend.connected = False
         if self.timed_out:
             log.warn("rackd at {socket} did not accept a connection within {timeout}s (request for {file!r})",
                      socket=self.backend.socket_path, timeout=self.backend.timeout, file=self.file_name,
@@ -264,6 +265,7 @@ class _Lookup:
 
     def _replied(self, reply: bytes) -> None:
         self._stop_timer()
+        self.backend.connected = True
         socket_path = self.backend.socket_path
         if self.exchange.oversized:
             log.warn("Reply from rackd at {socket} for {file!r} exceeds {limit} bytes: {reply}", socket=socket_path,
@@ -327,7 +329,9 @@ def open_answer(answer: FileAnswer) -> FileReader:
     except OSError as e:
         log.warn("Cannot open {path!r} that rackd named: {error}", path=path, error=e, outcome="backend-error")
         raise BackendError("Backend error: cannot open the file") from None
-    return FileReader(fd)
+    reader = FileReader(fd)
+    reader.kind = "ephemeral" if answer.ephemeral else "path"
+    return reader
 
 
 @implementer(IBackend)
@@ -347,6 +351,9 @@ class LegacyBackend:
         self.socket_path = socket_path
         self.timeout = timeout
         self.reactor = reactor
+        self.connected: Optional[bool] = None
+        """Whether the last request reached rackd (None before the first): one connection per request,
+        so this is as near as the legacy format comes to a connection state (`tftp_backend_up`)."""
 
     def get_reader(self, file_name: bytes) -> Deferred[FileReader]:
         local: Optional[Any] = context.get("local")
