@@ -20,7 +20,12 @@ configuration) can ask for each behaviour:
     hang/<anything>          accepts and never answers
     slow/<seconds>/<rest>    answers <rest> after a delay
     split/<rest>             answers <rest> in 3-byte pieces a few ms apart
+    a name leaving the root  0 NUL Insecure path: b'<path>' is not a child of b'<root>' NUL $
+                             (what MAAS's tx-tftp backend says, server paths and all; checked
+                             lexically, as twisted's FilePath does, so symlinks are followed)
     anything else            0 NUL File not found: <name> NUL $
+
+Filenames are bytes in the filesystem encoding (rackd serves `caf\u00e9.txt` too).
 
 Run as a script: `python legacy_responder.py SOCKET ROOT EPH_DIR`.
 """
@@ -56,7 +61,7 @@ MALFORMED = {
 
 def render(local: str, client: str, name: str, size: int) -> bytes:
     """The content of an ephemeral file: who asked (as rackd saw it), padded to `size` bytes."""
-    head = f"local={local} client={client} file={name}\n".encode()
+    head = f"local={local} client={client} file={name}\n".encode("utf-8", "surrogateescape")
     body = head + bytes(range(256)) * (size // 256 + 1)
     return body[:size]
 
@@ -100,13 +105,17 @@ class Responder:
             return 0.0, b"-\0EPH\0" + os.fsencode(path) + b"\0$"
         if kind == "error":
             code, _, message = rest.partition("/")
-            return 0.0, code.encode() + b"\0" + message.encode() + b"\0$"
+            return 0.0, code.encode() + b"\0" + os.fsencode(message) + b"\0$"
         if kind == "malformed":
             return 0.0, MALFORMED[rest]
         path = self.root / name.lstrip("/")
+        lexical = os.path.normpath(path)
+        if lexical != str(self.root) and not lexical.startswith(str(self.root) + os.sep):
+            return 0.0, (b"0\0Insecure path: " + repr(os.fsencode(lexical)).encode() + b" is not a child of "
+                         + repr(os.fsencode(self.root)).encode() + b"\0$")
         if name and path.exists():  # a folder too: what to do with one is the server's problem
             return 0.0, b"-\0-\0" + os.fsencode(path) + b"\0$"
-        return 0.0, b"0\0File not found: " + name.encode() + b"\0$"
+        return 0.0, b"0\0File not found: " + os.fsencode(name) + b"\0$"
 
 
 class ResponderProtocol(Protocol):
@@ -134,7 +143,7 @@ class ResponderProtocol(Protocol):
             return
         seen = Seen(local.decode("ascii"), client.decode("ascii"), filename, self.buffer, self.reads)
         self.state.requests.append(seen)
-        name = filename.decode("ascii")
+        name = os.fsdecode(filename)
         split = name.startswith("split/")
         delay, reply = self.state.answer(seen.local, seen.client, name[6:] if split else name)
         if reply is None:
