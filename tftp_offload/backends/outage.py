@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 from typing import Any, Optional
 
@@ -36,14 +37,20 @@ def explain(path: str, failure: Optional[Failure] = None) -> str:
         return f"{path} is a directory, not a UNIX socket: --socket must name the backend's socket file"
     if not stat.S_ISSOCK(mode):
         return f"{path} is not a UNIX socket: is --socket right?"
-    error = getattr(failure.value, "osError", None) if failure is not None else None
-    code = getattr(error, "errno", None)
-    message = failure.getErrorMessage() if failure is not None else ""
-    if code == errno.EACCES or "Permission denied" in message:
-        return f"permission denied on {path}: run as a user the socket's mode lets in (its group)"
-    if code == errno.ECONNREFUSED or "refused" in message.lower():
-        return f"nothing listens on {path}: the backend is not running (a socket left by one that stopped)"
-    return f"{path}: {message or 'cannot connect'}"
+    message = failure.getErrorMessage() if failure is not None else "cannot connect"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a UNIX connect is decided at once; never wait here
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return f"permission denied on {path}: run as a user the socket's mode lets in (its group)"
+        if e.errno == errno.ECONNREFUSED:
+            return f"nothing listens on {path}: the backend is not running (a socket left by one that stopped)"
+        return f"{path}: {e.strerror or message}"
+    finally:
+        probe.close()
+    return f"{path} accepts connections, but: {message}"
 
 
 class Outage:
@@ -78,16 +85,19 @@ class Outage:
             self.log.warn(line, what=self.what, path=self.path, reason=reason, outcome="backend-down")
         elif now - self._reminded >= self.interval:
             self._reminded = now
-            self.log.warn("{what} at {path} still unavailable after {seconds:.0f} s ({refused} requests refused): "
-                          "{reason}", what=self.what, path=self.path, seconds=now - self.since,
+            self.log.warn("Still cannot reach {what} at {path} after {seconds:.0f} s ({refused} requests "
+                          "refused): {reason}", what=self.what, path=self.path, seconds=now - self.since,
                           refused=self.refused, reason=reason, outcome="backend-down")
 
-    def back(self) -> Optional[float]:
-        """It answers again: seconds it was away (and an info line), or None if it was not down."""
+    def back(self, quiet: bool = False) -> Optional[float]:
+        """It answers again: seconds it was away, or None if it was not down. Says so in an info line
+        unless `quiet` (the caller writes its own line)."""
         if self.since is None:
             return None
         away = self.clock.seconds() - self.since
         self.since = None
-        self.log.info("{what} at {path} is back after {seconds:.1f} s ({refused} requests refused meanwhile)",
-                      what=self.what, path=self.path, seconds=away, refused=self.refused, outcome="backend-back")
+        if not quiet:
+            self.log.info("Reached {what} at {path} again after {seconds:.1f} s ({refused} requests refused "
+                          "meanwhile)", what=self.what, path=self.path, seconds=away, refused=self.refused,
+                          outcome="backend-back")
         return away
