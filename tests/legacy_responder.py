@@ -113,7 +113,11 @@ class Responder:
         if lexical != str(self.root) and not lexical.startswith(str(self.root) + os.sep):
             return 0.0, (b"0\0Insecure path: " + repr(os.fsencode(lexical)).encode() + b" is not a child of "
                          + repr(os.fsencode(self.root)).encode() + b"\0$")
-        if name and path.exists():  # a folder too: what to do with one is the server's problem
+        try:
+            exists = bool(name) and path.exists()  # a folder too: what to do with one is the server's problem
+        except OSError:  # a name too long for any file
+            exists = False
+        if exists:
             return 0.0, b"-\0-\0" + os.fsencode(path) + b"\0$"
         return 0.0, b"0\0File not found: " + os.fsencode(name) + b"\0$"
 

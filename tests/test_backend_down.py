@@ -17,7 +17,6 @@ import tftp_client
 from offload_support import short_dir, start_backend, start_server
 
 
-
 @pytest.fixture
 def sockets() -> Iterator[str]:
     path = short_dir("tfb-")

@@ -40,15 +40,26 @@ class DirectoryBackend:
         if not parts:
             raise FileNotFound("File not found")
         path = os.path.realpath(os.path.join(self.root, *parts))
-        if path != self.root and not path.startswith(self.root.rstrip("/") + "/"):
+        if not self._inside(path):
             raise AccessViolation("Access violation: path leaves the served directory")
         return path
 
     def get_reader(self, file_name: bytes) -> FileReader:
         path = self.resolve(file_name)
-        # The canonical path has no link left unless one was swapped in since: do not follow one.
+        # The canonical path has no link left unless one was swapped in since: do not follow one,
+        # and check where the descriptor really is (a directory on the way swapped for a link out).
         fd = open_regular(path, follow_symlinks=False)
+        try:
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            opened = path  # no /proc: the checks above are all there is
+        if not self._inside(opened):
+            os.close(fd)
+            raise AccessViolation("Access violation: path leaves the served directory")
         return FileReader(fd)
+
+    def _inside(self, path: str) -> bool:
+        return path == self.root or path.startswith(self.root.rstrip("/") + "/")
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")
