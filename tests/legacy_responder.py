@@ -18,6 +18,8 @@ configuration) can ask for each behaviour:
     error/<code>/<message>   an error reply:             <code> NUL <message> NUL $
     malformed/<kind>         one of the bad replies in MALFORMED
     hang/<anything>          accepts and never answers
+    die/<anything>           closes the connection without answering (a rackd that died)
+    vanish/<name>            names a static file that is not there (deleted before we open it)
     slow/<seconds>/<rest>    answers <rest> after a delay
     split/<rest>             answers <rest> in 3-byte pieces a few ms apart
     a name leaving the root  0 NUL Insecure path: b'<path>' is not a child of b'<root>' NUL $
@@ -93,6 +95,10 @@ class Responder:
         kind, _, rest = name.partition("/")
         if kind == "hang":
             return 0.0, None
+        if kind == "die":
+            return 0.0, b""
+        if kind == "vanish":
+            return 0.0, b"-\0-\0" + os.fsencode(self.root / f".vanished-{rest}") + b"\0$"
         if kind == "slow":
             seconds, _, inner = rest.partition("/")
             delay, reply = self.answer(local, client, inner)
@@ -159,7 +165,8 @@ class ResponderProtocol(Protocol):
 
     def _send(self, reply: bytes) -> None:
         if self.transport.connected:
-            self.transport.write(reply)
+            if reply:
+                self.transport.write(reply)
             self.transport.loseConnection()
 
     def _send_pieces(self, reply: bytes) -> None:

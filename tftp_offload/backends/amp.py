@@ -518,6 +518,17 @@ class _ClientProtocol(amp.AMP):
         self.backend._greeting_refused(failure.getErrorMessage())
         self.transport.loseConnection()  # type: ignore[union-attr]
 
+    def dataReceived(self, data: bytes) -> None:
+        """AMP raises on bytes that are not AMP (a box too long, an empty box...); the reactor would log a
+        traceback for that. One line instead, and the connection is dropped (calls on it are resent)."""
+        try:
+            super().dataReceived(data)
+        except Exception as e:
+            log.error("Backend at {path} sent something that is not the offload protocol ({error}); dropping "
+                      "the connection", path=self.backend.socket_path, error=f"{type(e).__name__}: {e}"[:200],
+                      outcome="backend-error")
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
         self.backend._lost(self, reason)
@@ -828,6 +839,11 @@ class AMPBackend(Service):
     def _answer_from(self, response: Dict[str, Any], protocol: "_ClientProtocol") -> _Answer:
         """Turn a `ReadRequest` answer into something local. Ephemeral files are unlinked here, at once."""
         kind = response["kind"]
+        size = response.get("size")
+        if size is not None and not 0 <= size < 1 << 63:
+            log.warn("Backend at {path} gave a size of {size} bytes", path=self.socket_path, size=size,
+                     outcome="backend-error")
+            raise BackendError("Backend sent an invalid answer")
         if kind == INLINE and response["data"] is not None:
             return _InlineAnswer(response["data"])
         if kind == FD and response["fd"] is not None:
@@ -846,10 +862,13 @@ class AMPBackend(Service):
             self._open_streams += 1
             source = _StreamSource(self, protocol, response["stream_id"], response["size"], response["data"] or b"")
             return _StreamAnswer(source)
-        raise BackendError(f"Backend sent an answer this server does not understand: {kind!r}")
+        log.warn("Backend at {path} sent an answer this server does not understand: kind {kind!r} without what "
+                 "it needs", path=self.socket_path, kind=kind, outcome="backend-error")
+        raise BackendError("Backend sent an invalid answer")
 
     def _failed(self, failure: Failure, lookup: _Lookup, protocol: "_ClientProtocol") -> None:
-        if failure.check(ConnectionClosed) and lookup.waiters and self.running:
+        cut_off = bool(failure.check(ConnectionClosed)) or protocol.gone  # gone: dropped over a protocol error
+        if cut_off and lookup.waiters and self.running:
             # Cut off by a backend restart: ask again on the next connection, while time lasts.
             self.stats["resent"] += 1
             lookup.request_id = None
@@ -862,7 +881,7 @@ class AMPBackend(Service):
             del self._inflight[lookup.key]
         self.stats["errors"] += 1
         if not failure.check(TFTPError):
-            if failure.check(ConnectionClosed):
+            if cut_off:
                 failure = Failure(BackendError("Lost the connection to the backend"))
             else:
                 log.failure("Lookup of {file!r} failed", failure=failure, file=lookup.request.filename)
