@@ -86,7 +86,7 @@ def check_logs(stack: Stack) -> List[str]:
     if "Traceback" in stack.server.log():
         problems.append(f"traceback in the server's log:\n{stack.server.log()[-6000:]}")
     backend_log = stack.backend.log()
-    # errors/crash makes the backend log a traceback on purpose; nothing else may.
+    # errors/crash (faulty_reference.tac) makes the backend log a traceback on purpose; nothing else may.
     if backend_log.count("Traceback") != backend_log.count("RuntimeError: the reference backend crashed on purpose"):
         problems.append(f"unexpected traceback in the backend's log:\n{backend_log[-6000:]}")
     return problems
@@ -102,7 +102,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     sockets = short_dir()
     socket_path = os.path.join(sockets, "backend.sock")
     reactor = reactor_of(request)
-    backend = start_backend(workdir, socket_path, root, reactor, "--ephemeral-dir", str(ephemeral))
+    # With the tests' failure injection (errors/crash), which the shipped reference backend has not.
+    backend = start_backend(workdir, socket_path, root, reactor, "--ephemeral-dir", str(ephemeral), faults=True)
     try:
         server = start_server(workdir, socket_path, root, reactor, HOSTS, "--give-up", "3")
     except BaseException:
@@ -398,3 +399,15 @@ def test_reference_backend_options() -> None:
     options.parseOptions(["--socket", "/tmp/x.sock", "--root", "/tmp", "--mode", "0660"])
     assert options["mode"] == 0o660
     assert Options()["mode"] == 0o600
+
+
+def test_shipped_reference_backend_injects_no_failures(tmp_path: Path) -> None:
+    """errors/crash lives in the tests (faulty_reference.tac), not in the production plugin."""
+    from twisted.python import context
+
+    from tftp_offload.errors import FileNotFound
+    from tftp_offload.reference import ReferenceBackend
+
+    backend = ReferenceBackend(str(make_root(tmp_path / "root")), str(tmp_path))
+    with pytest.raises(FileNotFound):
+        context.call({"local": ("127.0.0.1", 69), "remote": ("127.0.0.1", 1)}, backend.get_reader, b"errors/crash")
