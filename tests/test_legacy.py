@@ -649,6 +649,16 @@ def test_twistd_without_rackd(processes: Processes, tmp_path: Path) -> None:
     result = processes.curl("hello.txt", out)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == HELLO
+    log = processes.server.log()
+    assert log.count("Cannot reach rackd") == 1, log[-3000:]  # once, not per request
+    assert "Reached rackd at" in log and "3 requests refused" in log, log[-3000:]
+
+
+def test_twistd_non_ascii_name(processes: Processes) -> None:
+    """caf\u00e9.txt end to end: asked of rackd as sent, served."""
+    (processes.root / "caf\u00e9.txt").write_bytes(b"un caf\xc3\xa9\n")
+    result = wire.get("127.0.0.1", processes.server.port, "caf\u00e9.txt".encode(), deadline=10)
+    assert result.complete and result.data == b"un caf\xc3\xa9\n", result.error
 
 
 def test_twistd_late_answer_leaves_no_file(processes: Processes, tmp_path: Path) -> None:

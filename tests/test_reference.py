@@ -246,6 +246,14 @@ def test_backend_errors_reach_the_client(healthy: Stack, name: bytes, code: int,
     assert result.data == b""
 
 
+def test_non_ascii_name_end_to_end(healthy: Stack) -> None:
+    """caf\u00e9.txt through the AMP backend and the reference backend's directory: served as any name."""
+    name = "caf\u00e9.txt"
+    (healthy.root / name).write_bytes(b"un caf\xc3\xa9\n")
+    result = tftp_client.get(FIRST_HOST, healthy.port, name.encode(), deadline=10)
+    assert result.complete and result.data == b"un caf\xc3\xa9\n", result.error
+
+
 def test_curl_sees_file_not_found(healthy: Stack, tmp_path: Path) -> None:
     need("curl")
     proc = run(["curl", "-sS", "--max-time", "20", "-o", str(tmp_path / "x"),
@@ -384,6 +392,10 @@ def test_backend_down_then_back(request: pytest.FixtureRequest, tmp_path: Path) 
     assert "Traceback" not in server.log(), server.log()[-6000:]
     assert "Lost the connection to the backend" in server.log()
     assert server.log().count("Connected to the backend") == 2
+    # Quietly retried: one line when it went (at start, and at the stop), none per attempt.
+    assert server.log().count("Cannot reach the backend") == 1, server.log()[-6000:]
+    assert server.log().count("Lost the connection to the backend") == 1
+    assert "Scheduling retry" not in server.log()
 
 
 def test_reference_backend_options() -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import random
 import stat
+import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -583,6 +584,12 @@ class _Connector:
             return
         self._attempt()
 
+    def within(self, delay: float) -> None:
+        """Make the next attempt no later than `delay` seconds from now (while waiting to retry)."""
+        timer = self._timer
+        if timer is not None and timer.active() and timer.getTime() - self.clock.seconds() > delay:
+            timer.reset(delay)
+
     def _attempt(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -673,6 +680,7 @@ class AMPBackend(Service):
         self._answers_in: List[Deferred] = []
         self._last_error = "not connected yet"
         self._last_failure = -NUDGE_INTERVAL
+        self._last_failure_wall = 0.0
         self.outage = Outage(log, "the backend", socket_path, reactor)
 
     # -- IService --------------------------------------------------------------------------
@@ -742,8 +750,9 @@ class AMPBackend(Service):
                 return _Reported(reader, self, request, request_id)
         fail_fast = self._protocol is None and self.outage.down
         if fail_fast and self._connector is not None and self._connector.connecting is None:
-            if self.reactor.seconds() - self._last_failure < NUDGE_INTERVAL:
+            if self.reactor.seconds() - self._last_failure < NUDGE_INTERVAL and not self._socket_is_new():
                 self.outage.refused += 1  # known down a moment ago: say so now, not after the timeout
+                self._connector.within(NUDGE_INTERVAL)  # and have the next attempt soon: it is wanted
                 raise BackendError(UNAVAILABLE)
             self._connector.now()  # it may be back: the attempt decides (on a UNIX socket, within a ms)
         waiter = _Waiter(self, request)
@@ -952,6 +961,7 @@ class AMPBackend(Service):
     def _connect_failed(self, failure: Failure) -> None:
         self._last_error = failure.getErrorMessage()
         self._last_failure = self.reactor.seconds()
+        self._last_failure_wall = time.time()
         self.outage.went(explain(self.socket_path, failure))
         # Those who asked while it was known down are told now; earlier ones wait out their timeout.
         for lookup in list(self._queued):
@@ -959,6 +969,14 @@ class AMPBackend(Service):
                 lookup.forget(waiter)
                 self.outage.refused += 1
                 waiter.fail(Failure(BackendError(UNAVAILABLE)))
+
+    def _socket_is_new(self) -> bool:
+        """A socket made since the last failed attempt: a backend just started, worth trying at once."""
+        try:
+            info = os.stat(self.socket_path)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(info.st_mode) and info.st_ctime >= self._last_failure_wall
 
     def _greeting_refused(self, reason: str) -> None:
         self._last_error = f"greeting refused: {reason}"

@@ -451,7 +451,7 @@ class LegacyBackend(Service):
     def _unreachable(self, file_name: bytes, failure: Failure) -> None:
         self.outage.went(explain(self.socket_path, failure))
         self.outage.refused += 1
-        log.debug("Cannot reach rackd at {socket} for {name}: {error}", socket=self.socket_path,
+        log.debug("Refused {name}: rackd at {socket} is unavailable ({error})", socket=self.socket_path,
                   **_names(file_name), error=failure.getErrorMessage(), outcome="backend-unavailable")
 
     def _reachable(self) -> None:
