@@ -244,3 +244,23 @@ async def test_legacy_backend_faults(serve: Serving) -> None:
     finally:
         await port.stopListening()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_amp_stop_waits_for_answers_in_flight(faulty: Tuple[str, FaultyFactory, Path]) -> None:
+    """Stopping while the backend still makes an ephemeral file: the stop waits for the answer (at most the
+    timeout), so the file is deleted; the caller was told "Server shutting down" at once."""
+    from offload_support import get_reader
+
+    path, _, eph = faulty
+    backend = AMPBackend(path, timeout=TIMEOUT + 1.0, cache_ttl=0)
+    backend.startService()
+    await wait_for(lambda: backend._protocol is not None, 5.0)
+    pending = get_reader(backend, b"late-eph/at-stop")
+    await wait_for(lambda: os.listdir(eph) != [], 2.0)  # the backend has written it, its answer is on its way
+    stopping = backend.stopService()
+    with pytest.raises(Exception, match="Server shutting down"):
+        await pending
+    assert not stopping.called
+    await stopping
+    assert os.listdir(eph) == []
