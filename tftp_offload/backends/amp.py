@@ -946,6 +946,9 @@ class AMPBackend(Service):
         if self._connector is not None:
             self._connector.lost(protocol)
         if self._protocol is not protocol:
+            if self.running and protocol.version is None:  # it hung up before settling the greeting
+                self._last_failure = self.reactor.seconds()
+                self.outage.went(f"the connection closed before the greeting: {reason.getErrorMessage()}")
             return
         self._protocol = None
         self._last_error = f"connection lost: {reason.getErrorMessage()}"
