@@ -38,13 +38,16 @@ def wait_for_log(server: object, text: str, timeout: float = 10.0) -> str:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("kind,says", [
-    ("regular", "is a regular file, not a UNIX socket: is the backend running"),
-    ("directory", "is a directory, not a UNIX socket"),
-    ("missing", "does not exist: is the backend running"),
+@pytest.mark.parametrize("kind,says,protocol", [
+    ("regular", "is a regular file, not a UNIX socket: is the backend running", "amp"),
+    ("directory", "is a directory, not a UNIX socket", "amp"),
+    ("missing", "does not exist: is the backend running", "amp"),
+    ("regular", "is a regular file, not a UNIX socket: is the backend running", "legacy"),
+    ("missing", "does not exist: is the backend running", "legacy"),
 ])
 def test_socket_that_is_not_one_is_said_in_one_line(request: pytest.FixtureRequest, tmp_path: Path,
-                                                   sockets: str, kind: str, says: str) -> None:
+                                                   sockets: str, kind: str, says: str, protocol: str) -> None:
+    """AMP says it at start (it connects at once); legacy at the first request (one connection each)."""
     path = os.path.join(sockets, "backend.sock")
     if kind == "regular":
         Path(path).write_text("not a socket\n")
@@ -53,9 +56,11 @@ def test_socket_that_is_not_one_is_said_in_one_line(request: pytest.FixtureReque
     root = tmp_path / "root"
     root.mkdir()
     server = start_server(tmp_path, path, root, reactor_of(request), ["127.0.0.1"], "--backend-timeout", "4",
-                          wait=False)
+                          "--protocol", protocol, wait=False)
     try:
-        wait_for_log(server, says)
+        wait_for_log(server, "Serving TFTP on")
+        if protocol == "amp":
+            wait_for_log(server, says)
         for i in range(3):
             started = time.monotonic()
             result = tftp_client.get("127.0.0.1", server.port, f"pxelinux.cfg/x{i}".encode(), timeout=3.0,
