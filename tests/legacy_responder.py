@@ -18,9 +18,16 @@ configuration) can ask for each behaviour:
     error/<code>/<message>   an error reply:             <code> NUL <message> NUL $
     malformed/<kind>         one of the bad replies in MALFORMED
     hang/<anything>          accepts and never answers
+    die/<anything>           closes the connection without answering (a rackd that died)
+    vanish/<name>            names a static file that is not there (deleted before we open it)
     slow/<seconds>/<rest>    answers <rest> after a delay
     split/<rest>             answers <rest> in 3-byte pieces a few ms apart
+    a name leaving the root  0 NUL Insecure path: b'<path>' is not a child of b'<root>' NUL $
+                             (what MAAS's tx-tftp backend says, server paths and all; checked
+                             lexically, as twisted's FilePath does, so symlinks are followed)
     anything else            0 NUL File not found: <name> NUL $
+
+Filenames are bytes in the filesystem encoding (rackd serves `caf\u00e9.txt` too).
 
 Run as a script: `python legacy_responder.py SOCKET ROOT EPH_DIR`.
 """
@@ -56,7 +63,7 @@ MALFORMED = {
 
 def render(local: str, client: str, name: str, size: int) -> bytes:
     """The content of an ephemeral file: who asked (as rackd saw it), padded to `size` bytes."""
-    head = f"local={local} client={client} file={name}\n".encode()
+    head = f"local={local} client={client} file={name}\n".encode("utf-8", "surrogateescape")
     body = head + bytes(range(256)) * (size // 256 + 1)
     return body[:size]
 
@@ -88,6 +95,10 @@ class Responder:
         kind, _, rest = name.partition("/")
         if kind == "hang":
             return 0.0, None
+        if kind == "die":
+            return 0.0, b""
+        if kind == "vanish":
+            return 0.0, b"-\0-\0" + os.fsencode(self.root / f".vanished-{rest}") + b"\0$"
         if kind == "slow":
             seconds, _, inner = rest.partition("/")
             delay, reply = self.answer(local, client, inner)
@@ -100,13 +111,21 @@ class Responder:
             return 0.0, b"-\0EPH\0" + os.fsencode(path) + b"\0$"
         if kind == "error":
             code, _, message = rest.partition("/")
-            return 0.0, code.encode() + b"\0" + message.encode() + b"\0$"
+            return 0.0, code.encode() + b"\0" + os.fsencode(message) + b"\0$"
         if kind == "malformed":
             return 0.0, MALFORMED[rest]
         path = self.root / name.lstrip("/")
-        if name and path.exists():  # a folder too: what to do with one is the server's problem
+        lexical = os.path.normpath(path)
+        if lexical != str(self.root) and not lexical.startswith(str(self.root) + os.sep):
+            return 0.0, (b"0\0Insecure path: " + repr(os.fsencode(lexical)).encode() + b" is not a child of "
+                         + repr(os.fsencode(self.root)).encode() + b"\0$")
+        try:
+            exists = bool(name) and path.exists()  # a folder too: what to do with one is the server's problem
+        except OSError:  # a name too long for any file
+            exists = False
+        if exists:
             return 0.0, b"-\0-\0" + os.fsencode(path) + b"\0$"
-        return 0.0, b"0\0File not found: " + name.encode() + b"\0$"
+        return 0.0, b"0\0File not found: " + os.fsencode(name) + b"\0$"
 
 
 class ResponderProtocol(Protocol):
@@ -134,7 +153,7 @@ class ResponderProtocol(Protocol):
             return
         seen = Seen(local.decode("ascii"), client.decode("ascii"), filename, self.buffer, self.reads)
         self.state.requests.append(seen)
-        name = filename.decode("ascii")
+        name = os.fsdecode(filename)
         split = name.startswith("split/")
         delay, reply = self.state.answer(seen.local, seen.client, name[6:] if split else name)
         if reply is None:
@@ -146,7 +165,8 @@ class ResponderProtocol(Protocol):
 
     def _send(self, reply: bytes) -> None:
         if self.transport.connected:
-            self.transport.write(reply)
+            if reply:
+                self.transport.write(reply)
             self.transport.loseConnection()
 
     def _send_pieces(self, reply: bytes) -> None:

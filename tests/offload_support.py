@@ -7,6 +7,7 @@ chosen with --reactor after collection starts).
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -182,17 +183,29 @@ def _env() -> Dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
 
 
-def start_backend(workdir: Path, socket_path: str, root: Path, reactor: str, *extra: str) -> Process:
-    """`twistd -n tftp-offload-backend --socket PATH --root DIR`, waited for until the socket exists."""
+FAULTY_BACKEND = Path(__file__).resolve().parent / "faulty_reference.tac"
+
+
+def start_backend(workdir: Path, socket_path: str, root: Path, reactor: str, *extra: str,
+                  faults: bool = False) -> Process:
+    """`twistd -n tftp-offload-backend --socket PATH --root DIR`, waited for until the socket exists.
+
+    `faults`: the reference backend with the tests' failure injection (faulty_reference.tac) instead."""
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "backend.log"
     cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n"]
     if reactor != "default":
         cmd += ["--reactor", reactor]
-    cmd += ["--logfile", str(log_path), "--pidfile", str(workdir / "backend.pid"), "tftp-offload-backend",
-            "--socket", socket_path, "--root", str(root), *extra]
+    cmd += ["--logfile", str(log_path), "--pidfile", str(workdir / "backend.pid")]
+    args = ["--socket", socket_path, "--root", str(root), *extra]
+    env = _env()
+    if faults:
+        cmd += ["-y", str(FAULTY_BACKEND)]
+        env["TFTPO_BACKEND_ARGS"] = " ".join(shlex.quote(arg) for arg in args)
+    else:
+        cmd += ["tftp-offload-backend", *args]
     with (workdir / "backend.out").open("ab") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     backend = Process(cmd, log_path, proc)
     end = time.monotonic() + 15
     while not (os.path.exists(socket_path) and "Offering the tftp-offload protocol" in backend.log()):

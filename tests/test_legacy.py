@@ -92,13 +92,16 @@ def test_request_layout() -> None:
     assert encode_request("2001:db8::1", "2001:db8::2", b"") == b"2001:db8::1\x002001:db8::2\0\0$"
 
 
-@pytest.mark.parametrize(
-    ("name", "why"),
-    [(b"a\0b", "NUL in filename"), ("caf\u00e9".encode(), "not ASCII"), (b"\xff", "not ASCII")],
-)
+@pytest.mark.parametrize(("name", "why"), [(b"a\0b", "NUL in filename"), (b"\0", "NUL in filename")])
 def test_filenames_that_cannot_be_sent_are_refused(name: bytes, why: str) -> None:
     with pytest.raises(AccessViolation, match=why):
         encode_request("192.0.2.1", "192.0.2.2", name)
+
+
+@pytest.mark.parametrize("name", ["caf\u00e9.txt".encode(), b"\xff\xfe", "\u65e5\u672c/x".encode()])
+def test_non_ascii_filenames_are_sent_as_they_came(name: bytes) -> None:
+    """MAAS serves them (its responder answered a static path for caf\u00e9.txt): only NUL is refused."""
+    assert encode_request("192.0.2.1", "192.0.2.2", name) == b"192.0.2.1\x00192.0.2.2\x00" + name + b"\0$"
 
 
 @pytest.mark.parametrize(
@@ -135,7 +138,12 @@ def test_error_code_must_be_a_plain_number(reply: bytes) -> None:
     [
         (ErrorAnswer(0, "File not found: /var/lib/maas/boot-resources/x"), (1, "File not found")),
         (ErrorAnswer(1, "whatever"), (1, "File not found")),
-        (ErrorAnswer(0, "Insecure path"), (0, "Insecure path")),
+        (ErrorAnswer(0, "Insecure path"), (2, "Access violation")),
+        (ErrorAnswer(0, "Insecure path: b'/srv/tftp/../etc/passwd' is not a child of b'/srv/tftp'"),
+         (2, "Access violation")),
+        (ErrorAnswer(2, "/srv/tftp/secret is not yours"), (2, "Access violation")),
+        (ErrorAnswer(0, "cannot read /var/lib/maas/x"), (0, "Backend error")),
+        (ErrorAnswer(4, "C:\\boot\\bcd: no"), (4, "Unsupported operation")),
         (ErrorAnswer(0, ""), (0, "Backend error")),
         (ErrorAnswer(2, "Not yours"), (2, "Not yours")),
         (ErrorAnswer(4, "No"), (4, "No")),
@@ -163,8 +171,9 @@ class Rackd:
     def start(self) -> None:
         self.state, self.port = legacy_responder.listen(get_reactor(), self.socket_path, self.root, self.eph_dir)
 
-    def backend(self, timeout: float = 2.0) -> LegacyBackend:
-        return LegacyBackend(self.socket_path, timeout=timeout)
+    def backend(self, timeout: float = 2.0, late_grace: float = 0.0) -> LegacyBackend:
+        """No grace by default: the exchange ends with the timeout (tests of late answers give one)."""
+        return LegacyBackend(self.socket_path, timeout=timeout, late_grace=late_grace)
 
     def eph_files(self) -> List[str]:
         return os.listdir(self.eph_dir)
@@ -306,6 +315,71 @@ async def test_ephemeral_file_deleted_when_the_server_gave_up_first(serve: Servi
 
 
 @pytest_twisted.ensureDeferred
+async def test_late_answer_after_the_backend_timeout_is_read_and_its_file_deleted(
+        serve: Serving, rackd: Rackd, log_events: Events) -> None:
+    """rackd answers after our own timeout (the server's is timeout + 1, as tap.py wires it): the client
+    is told at the timeout, the connection stays open, the late EPH file is deleted."""
+    service = serve(rackd.backend(timeout=0.5, late_grace=3.0), lookup_timeout=1.5)
+    started = time.monotonic()
+    got = await fetch(serve, service, b"slow/1.2/eph/100/late.cfg")
+    assert got.error == (0, NO_ANSWER)
+    assert time.monotonic() - started < 1.2, "told at the backend's timeout, not the server's"
+    await until(lambda: not lookups_running(), 4.0, "the late answer")
+    assert rackd.eph_files() == []
+    text = " ".join(formatEvent(e) for e in log_events)
+    assert "Late answer from rackd for slow/1.2/eph/100/late.cfg" in text and "deleted" in text
+    assert "closed without an answer" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_late_answer_is_waited_for_a_bounded_time(rackd: Rackd, log_events: Events) -> None:
+    """rackd never answers: the connection is closed at timeout + late_grace, and the log says we closed it."""
+    backend = rackd.backend(timeout=0.2, late_grace=0.3)
+    ctx = {"local": ("127.0.0.1", 69), "remote": ("127.0.0.1", 2000)}
+    started = time.monotonic()
+    with pytest.raises(BackendError, match=NO_ANSWER):
+        await context.call(ctx, backend.get_reader, b"hang/forever")
+    await until(lambda: not backend.lookups, 3.0, "the exchange to end")
+    assert 0.45 < time.monotonic() - started < 2.0
+    text = " ".join(formatEvent(e) for e in log_events)
+    assert "Stopped waiting for rackd" in text and "closed without an answer" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_waits_for_answers_in_flight(serve: Serving, rackd: Rackd, log_events: Events) -> None:
+    """SIGTERM while rackd is still generating a file: the service stops once the answer came and its file
+    is deleted; the session was ended at once ("Server shutting down"), and nobody blames rackd."""
+    backend = rackd.backend(timeout=2.0, late_grace=2.0)
+    backend.startService()
+    service = serve(backend)
+    peer = serve.peer()
+    peer.send(wire.rrq(b"slow/0.5/eph/100/in-flight.cfg"), ("127.0.0.1", int(service.ports[0].getHost().port)))
+    await until(lambda: rackd.state.requests, 2.0, "the request to reach rackd")
+    service.drain_timeout = 0
+    await service.stopService()
+    reply, _ = await peer.recv()
+    assert wire.parse_error(reply) == (0, "Server shutting down")
+    stopping = backend.stopService()
+    assert not stopping.called, "an exchange is still running"
+    await stopping
+    assert rackd.eph_files() == [] and not backend.lookups
+    text = " ".join(formatEvent(e) for e in log_events)
+    assert "closed without an answer" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_traversal_is_access_violation_without_server_paths(serve: Serving, rackd: Rackd,
+                                                                  log_events: Events) -> None:
+    """rackd's "Insecure path: b'/srv/...' is not a child of ..." reaches the client as rackd's own TFTP server
+    sends it: ERROR 2 "Access violation", no path."""
+    service = serve(rackd.backend())
+    for name in (b"../../etc/passwd", b"/../etc/passwd", b"pxelinux.cfg/../../../etc/shadow"):
+        got = await fetch(serve, service, name)
+        assert got.error == (2, "Access violation"), name
+    assert any(r.filename == b"../../etc/passwd" for r in rackd.state.requests)
+
+
+@pytest_twisted.ensureDeferred
 async def test_ephemeral_file_deleted_when_the_caller_cancels(rackd: Rackd) -> None:
     """A caller that cancels the lookup (e.g. with addTimeout) leaves no EPH file behind either."""
     backend = rackd.backend(timeout=3.0)
@@ -328,7 +402,7 @@ async def test_file_not_found(serve: Serving, rackd: Rackd, log_events: Events) 
 @pytest.mark.parametrize(
     ("name", "tftp"),
     [
-        (b"error/0/Insecure path", (0, "Insecure path")),
+        (b"error/0/Insecure path", (2, "Access violation")),
         (b"error/0/File not found: /var/lib/maas/boot-resources/current/x", (1, "File not found")),
         (b"error/2/Not for you", (2, "Not for you")),
         (b"error/0/", (0, "Backend error")),
@@ -432,12 +506,25 @@ async def test_responder_absent_then_started(serve: Serving, rackd: Rackd, log_e
     assert service.server is not None and service.server.stats.answers["path"] == 1  # a static file
 
 
-@pytest_twisted.ensureDeferred
-async def test_unsendable_filename_never_reaches_rackd(serve: Serving, rackd: Rackd) -> None:
-    service = serve(rackd.backend())
-    got = await fetch(serve, service, "caf\u00e9.cfg".encode())
-    assert got.error == (2, "Access violation: filename is not ASCII")
+def test_unsendable_filename_never_reaches_rackd(rackd: Rackd) -> None:
+    """A NUL cannot come from the wire (it ends the name), but a caller in process may pass one."""
+    ctx = {"local": ("127.0.0.1", 69), "remote": ("127.0.0.1", 2000)}
+    with pytest.raises(AccessViolation, match="NUL in filename"):
+        context.call(ctx, rackd.backend().get_reader, b"caf\x00e.cfg")
     assert rackd.state.connections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_ascii_name_is_served(serve: Serving, rackd: Rackd) -> None:
+    """caf\u00e9.txt, as MAAS serves it: asked of rackd as the client sent it, and the file comes back."""
+    name = "caf\u00e9.txt".encode()
+    (rackd.root / "caf\u00e9.txt").write_bytes(b"du caf\xc3\xa9\n")
+    service = serve(rackd.backend())
+    got = await fetch(serve, service, name)
+    assert got.complete and got.data == b"du caf\xc3\xa9\n"
+    assert rackd.state.requests[-1].filename == name
+    eph = await fetch(serve, service, "eph/50/caf\u00e9.cfg".encode())
+    assert eph.complete and len(eph.data) == 50 and rackd.eph_files() == []
 
 
 @pytest.mark.parametrize("mode", [b"netascii"])
@@ -568,3 +655,57 @@ def test_twistd_without_rackd(processes: Processes, tmp_path: Path) -> None:
     result = processes.curl("hello.txt", out)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == HELLO
+    log = processes.server.log()
+    assert log.count("Cannot reach rackd") == 1, log[-3000:]  # once, not per request
+    assert "Reached rackd at" in log and "3 requests refused" in log, log[-3000:]
+
+
+def test_twistd_non_ascii_name(processes: Processes) -> None:
+    """caf\u00e9.txt end to end: asked of rackd as sent, served."""
+    (processes.root / "caf\u00e9.txt").write_bytes(b"un caf\xc3\xa9\n")
+    result = wire.get("127.0.0.1", processes.server.port, "caf\u00e9.txt".encode(), deadline=10)
+    assert result.complete and result.data == b"un caf\xc3\xa9\n", result.error
+
+
+def test_twistd_late_answer_leaves_no_file(processes: Processes, tmp_path: Path) -> None:
+    """--backend-timeout 1 and a rackd that takes 2 s over an ephemeral file: ERROR at once, and no file left."""
+    for i in range(3):
+        started = time.monotonic()
+        result = processes.curl(f"slow/2/eph/100/late-{i}.cfg", tmp_path / "x")
+        assert result.returncode not in (0, 28), result
+        assert time.monotonic() - started < 2.5
+    end = time.monotonic() + 10
+    while os.listdir(processes.eph_dir) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert os.listdir(processes.eph_dir) == []
+    log = processes.server.log()
+    assert log.count("Late answer from rackd") >= 3, log[-3000:]
+    assert "closed without an answer" not in log
+
+
+def test_twistd_sigterm_with_a_lookup_in_flight_leaves_no_file(processes: Processes, tmp_path: Path,
+                                                               request: pytest.FixtureRequest) -> None:
+    """SIGTERM while rackd generates a file: the process waits for the answer, deletes the file, exits."""
+    reactor = str(request.config.getoption("reactor", "default"))
+    port = free_udp_port(("127.0.0.1",))
+    log_path = tmp_path / "twistd.log"
+    cmd = twistd_command(["--socket", processes.socket_path, "--protocol", "legacy", "--backend-timeout", "1",
+                          "--listen", f"127.0.0.1:{port}"], log_path, tmp_path / "twistd.pid", reactor)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    with (tmp_path / "out").open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    server = TwistdServer(["127.0.0.1"], port, processes.root, log_path, proc, cmd)
+    try:
+        wait_until_serving(server)
+        with wire.udp_socket("127.0.0.1") as sock:
+            sock.sendto(wire.rrq(b"slow/0.8/eph/100/sigterm.cfg"), ("127.0.0.1", port))
+            time.sleep(0.3)
+            server.stop()
+    finally:
+        server.stop()
+    assert os.listdir(processes.eph_dir) == []
+    log = server.log()
+    assert "Traceback" not in log, log[-4000:]
+    assert "closed without an answer" not in log, log[-4000:]
+    assert "Waiting for 1 answers from rackd" in log, log[-4000:]
+    assert "Server Shut Down." in log

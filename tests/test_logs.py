@@ -163,7 +163,8 @@ def test_end_lines_as_text(text_server: TwistdServer) -> None:
     assert re.match(stamp + re.escape(f"refused no-such-file to [::1]:{missing[1]}: File not found (ERROR 1)") + "$",
                     line_for(log, missing)), line_for(log, missing)
     assert re.match(stamp + re.escape(f"client-error 1m.bin to 127.0.0.1:{aborted[1]}: 512 bytes of 1048576 in ")
-                    + r"\d+\.\d{3}s " + re.escape("(directory, blksize 512, windowsize 1); the client said ERROR 0: user abort")
+                    + r"\d+\.\d{3}s "
+                    + re.escape("(directory, blksize 512, windowsize 1); the client said ERROR 0: user abort")
                     + "$", line_for(log, aborted)), line_for(log, aborted)
     for python_repr in ("b'", "('127.0.0.1'", "('::1'"):
         assert python_repr not in log
@@ -183,7 +184,8 @@ def test_size_probe_is_one_probe_line_and_its_follow_up_is_served_at_once(text_s
         probe, complete = [line for line in log.splitlines()[before:] if f" to {shown(client)}: " in line]
         assert re.search(re.escape(f"] probe 1k.bin to {shown(client)}: told the size, 1024 bytes, in ")
                          + r"\d+\.\d{3}s"
-                         + re.escape(" (directory, blksize 1468, windowsize 1); the client said ERROR 8: size only") + "$",
+                         + re.escape(" (directory, blksize 1468, windowsize 1); the client said ERROR 8: size only")
+                         + "$",
                          probe), probe
         assert f"] complete 1k.bin to {shown(client)}: 1024 bytes" in complete
 

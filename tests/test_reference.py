@@ -88,7 +88,7 @@ def check_logs(stack: Stack) -> List[str]:
     if "Traceback" in stack.server.log():
         problems.append(f"traceback in the server's log:\n{stack.server.log()[-6000:]}")
     backend_log = stack.backend.log()
-    # errors/crash makes the backend log a traceback on purpose; nothing else may.
+    # errors/crash (faulty_reference.tac) makes the backend log a traceback on purpose; nothing else may.
     if backend_log.count("Traceback") != backend_log.count("RuntimeError: the reference backend crashed on purpose"):
         problems.append(f"unexpected traceback in the backend's log:\n{backend_log[-6000:]}")
     return problems
@@ -104,7 +104,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     sockets = short_dir()
     socket_path = os.path.join(sockets, "backend.sock")
     reactor = reactor_of(request)
-    backend = start_backend(workdir, socket_path, root, reactor, "--ephemeral-dir", str(ephemeral))
+    # With the tests' failure injection (errors/crash), which the shipped reference backend has not.
+    backend = start_backend(workdir, socket_path, root, reactor, "--ephemeral-dir", str(ephemeral), faults=True)
     try:
         server = start_server(workdir, socket_path, root, reactor, HOSTS, "--give-up", "3")
     except BaseException:
@@ -246,6 +247,14 @@ def test_backend_errors_reach_the_client(healthy: Stack, name: bytes, code: int,
     assert result.data == b""
 
 
+def test_non_ascii_name_end_to_end(healthy: Stack) -> None:
+    """caf\u00e9.txt through the AMP backend and the reference backend's directory: served as any name."""
+    name = "caf\u00e9.txt"
+    (healthy.root / name).write_bytes(b"un caf\xc3\xa9\n")
+    result = tftp_client.get(FIRST_HOST, healthy.port, name.encode(), deadline=10)
+    assert result.complete and result.data == b"un caf\xc3\xa9\n", result.error
+
+
 def test_curl_sees_file_not_found(healthy: Stack, tmp_path: Path) -> None:
     need("curl")
     proc = run(["curl", "-sS", "--max-time", "20", "-o", str(tmp_path / "x"),
@@ -384,6 +393,10 @@ def test_backend_down_then_back(request: pytest.FixtureRequest, tmp_path: Path) 
     assert "Traceback" not in server.log(), server.log()[-6000:]
     assert "Lost the connection to the backend" in server.log()
     assert server.log().count("Connected to the backend") == 2
+    # Quietly retried: one line when it went (at start, and at the stop), none per attempt.
+    assert server.log().count("Cannot reach the backend") == 1, server.log()[-6000:]
+    assert server.log().count("Lost the connection to the backend") == 1
+    assert "Scheduling retry" not in server.log()
 
 
 def test_reference_backend_options() -> None:
@@ -424,3 +437,13 @@ def test_the_backend_logs_each_transfer_report(healthy: Stack, tmp_path: Path) -
     assert f": complete, {size} bytes in " in done and "(blksize 1468, window 1, 0 retransmits)" in done
     assert f"Transfer of 'generated/big100000-{tag}' to 127.0.0.1:" in quit_
     assert ": client-error, 0 bytes in " in quit_ and "client said 0: enough)" in quit_
+def test_shipped_reference_backend_injects_no_failures(tmp_path: Path) -> None:
+    """errors/crash lives in the tests (faulty_reference.tac), not in the production plugin."""
+    from twisted.python import context
+
+    from tftp_offload.errors import FileNotFound
+    from tftp_offload.reference import ReferenceBackend
+
+    backend = ReferenceBackend(str(make_root(tmp_path / "root")), str(tmp_path))
+    with pytest.raises(FileNotFound):
+        context.call({"local": ("127.0.0.1", 69), "remote": ("127.0.0.1", 1)}, backend.get_reader, b"errors/crash")

@@ -25,13 +25,17 @@ def open_regular(path: Union[str, bytes], follow_symlinks: bool = False) -> int:
     """Open `path` read-only and return its descriptor, or raise the backend error a client should see.
 
     Shared by every place that opens a file to serve (the directory backend, the AMP
-    backend's path and ephemeral answers), so they refuse alike. O_NONBLOCK: a FIFO where a
-    file was expected must not hang the reactor; `follow_symlinks=False` adds O_NOFOLLOW for
-    callers that checked the canonical path and must not be raced by a link swapped in since.
+    backend's path and ephemeral answers, the legacy backend), so they refuse alike. Only
+    regular files: anything else is refused before it is opened, since opening a device can
+    act (a tape rewinds, a watchdog arms) and opening a FIFO blocks until a writer comes.
+    The check is made again on the open descriptor (`fstat`), which a file swapped in between
+    cannot escape; O_NONBLOCK keeps even that open from hanging the reactor on a FIFO.
+    `follow_symlinks=False` adds O_NOFOLLOW for callers that checked the canonical path and
+    must not be raced by a link swapped in since. Error texts never name the path.
     """
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, flags)
+        _refuse_unless_regular(os.stat(path, follow_symlinks=follow_symlinks).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW))
     except OSError as e:
         # ENOTDIR: a file used as a directory; ENAMETOOLONG: a name no file here can have.
         if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
@@ -39,12 +43,18 @@ def open_regular(path: Union[str, bytes], follow_symlinks: bool = False) -> int:
         if e.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
             raise AccessViolation("Access violation: permission denied") from None
         raise
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    try:
+        _refuse_unless_regular(os.fstat(fd).st_mode)
+    except AccessViolation:
         os.close(fd)
+        raise
+    return fd
+
+
+def _refuse_unless_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
         raise AccessViolation(f"Access violation: {kind}")
-    return fd
 
 
 def open_ephemeral(path: Union[str, bytes]) -> int:

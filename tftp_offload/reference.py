@@ -18,9 +18,8 @@ the directory backend):
                                    answered as an ephemeral path (at most 64 MiB)
     path/<file>                    <file> of the root, answered as a static path
     errors/not-found, errors/access-violation, errors/illegal-operation,
-    errors/backend-error, errors/crash
-                                   the matching error (crash: an unexpected
-                                   exception, which the client sees as error 0)
+    errors/backend-error
+                                   the matching error
     slow/<seconds>/<name>          <name>, answered after a delay (at most 30 s)
     anything else                  the file of that name under the root (inline up
                                    to 60 KiB, else its descriptor)
@@ -38,7 +37,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Type
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.task import deferLater
@@ -171,8 +170,6 @@ class ReferenceBackend:
             return PathReader(self.directory.resolve(raw[len(b"path/"):]))
         if name in _ERRORS:
             raise _ERRORS[name]
-        if name == "errors/crash":
-            raise RuntimeError("the reference backend crashed on purpose")
         match = _SLOW.fullmatch(name)
         if match:
             delay = min(float(match.group(1)), SLOW_MAX)
@@ -261,13 +258,14 @@ class Options(usage.Options):
             raise usage.UsageError(f"--ephemeral-dir {self['ephemeral-dir']!r} is not a directory")
 
 
-def makeService(options: Options) -> IService:
+def makeService(options: Options, backend_type: Type[ReferenceBackend] = ReferenceBackend) -> IService:
+    """The backend on its socket; `backend_type` lets the tests serve a subclass that injects failures."""
     top = MultiService()
     ephemeral_dir = options["ephemeral-dir"]
     if ephemeral_dir is None:
         ephemeral_dir = tempfile.mkdtemp(prefix="tftp-offload-ephemeral-")
         _EphemeralDirectory(ephemeral_dir).setServiceParent(top)
-    backend = ReferenceBackend(options["root"], ephemeral_dir)
+    backend = backend_type(options["root"], ephemeral_dir)
     offload_service(backend, options["socket"], mode=options["mode"],
                     idle_timeout=options["idle-timeout"]).setServiceParent(top)
     return top

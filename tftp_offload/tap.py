@@ -310,7 +310,8 @@ def makeService(options: Options) -> IService:
         listen=options.listen,
         limits=limits,
         max_sessions=options["max-sessions"],
-        # The backend's own timeout answers first; this one only catches a backend that never does.
+        # The backend's own timeout answers first (and its exchange goes on reading a late answer, to delete
+        # its file: it is not aborted at this one); this one only catches a backend that never does.
         lookup_timeout=options["backend-timeout"] + 1,
         quiet=bool(options["quiet"]),
         drain_timeout=options["drain-timeout"],

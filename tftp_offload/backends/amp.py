@@ -38,12 +38,12 @@ from __future__ import annotations
 import os
 import random
 import stat
+import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -59,6 +59,7 @@ from ..errors import BackendError, TFTPError, Unsupported
 from ..interfaces import IBackend, IReader
 from ..offload import CHUNK_MAX, EPHEMERAL, FD, INLINE, PATH, STREAM
 from ..readers import BytesReader, FileReader, open_ephemeral, open_regular
+from .outage import Outage, explain
 
 log = Logger(namespace="tftp_offload.amp")
 
@@ -79,6 +80,16 @@ CHUNKS_IN_FLIGHT = 4
 
 RETRY_MAX_DELAY = 2.0
 """Seconds between connection attempts at most: a restarted backend is found again within this."""
+
+RETRY_FIRST_DELAY = 0.05
+"""Seconds before the first reconnection attempt; each failure doubles it, up to `retry_max_delay`."""
+
+NUDGE_INTERVAL = 0.1
+"""While the backend is down, a request may try a connection at once, at most this often: a backend that
+is back is found by the next request, a flood of requests does not become a flood of attempts."""
+
+UNAVAILABLE = "Backend unavailable"
+NO_ANSWER = "Backend did not answer in time"
 
 STOP_GRACE = 3600.0
 """On stop, seconds to wait for stream readers (running transfers) before closing the connection. In
@@ -406,6 +417,8 @@ class _Waiter:
         self.request = request
         self.lookup: Optional[_Lookup] = None
         self.deferred: Deferred = Deferred(self._cancel)
+        self.fail_fast = False
+        """Asked while the backend was known to be down: answered when the next attempt fails, not at the timeout."""
         self._timer = backend.reactor.callLater(backend.timeout, self._expire)
 
     def _expire(self) -> None:
@@ -414,7 +427,7 @@ class _Waiter:
         if lookup is not None:
             lookup.forget(self)
         # What the client reads on its console: short, true, and no paths or internals.
-        message = "Backend did not answer in time" if sent else "Backend unavailable"
+        message = NO_ANSWER if sent else UNAVAILABLE
         log.warn("{message} ({timeout} s) for {file!r} from {client}{reason}", message=message,
                  timeout=self.backend.timeout, file=self.request.filename, client=self.request.remote,
                  reason="" if sent else f": {self.backend.unavailable_reason()}", outcome="backend-timeout")
@@ -505,8 +518,19 @@ class _ClientProtocol(amp.AMP):
             return
         log.error("Backend at {path} refused our greeting: {error}", path=self.backend.socket_path,
                   error=failure.getErrorMessage())
-        self.backend._last_error = f"greeting refused: {failure.getErrorMessage()}"
+        self.backend._greeting_refused(failure.getErrorMessage())
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        """AMP raises on bytes that are not AMP (a box too long, an empty box...); the reactor would log a
+        traceback for that. One line instead, and the connection is dropped (calls on it are resent)."""
+        try:
+            super().dataReceived(data)
+        except Exception as e:
+            log.error("Backend at {path} sent something that is not the offload protocol ({error}); dropping "
+                      "the connection", path=self.backend.socket_path, error=f"{type(e).__name__}: {e}"[:200],
+                      outcome="backend-error")
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
@@ -528,20 +552,94 @@ class _ClientFactory(Factory):
         return _ClientProtocol(self.backend)
 
 
-@implementer(IStreamClientEndpoint)
-class _NotingEndpoint:
-    """An endpoint that remembers why the last connection attempt failed (for the operator's log)."""
+class _Connector:
+    """Keeps one connection to the backend: connects, and after a failed attempt or a lost connection
+    tries again with backoff (`RETRY_FIRST_DELAY`, doubling up to `max_delay`, jittered), or at once
+    when asked (`now()`).
 
-    def __init__(self, endpoint: Any, backend: "AMPBackend") -> None:
-        self._endpoint = endpoint
-        self._backend = backend
+    Instead of `ClientService`, which logs every retry ("Scheduling retry 7 to connect ... in
+    2.108 seconds", every 2 s for as long as the backend is away) and cannot be told to try now.
+    What an operator hears of an outage is `Outage`'s business.
+    """
 
-    def __repr__(self) -> str:  # ClientService logs its retries with this
-        return f"<backend socket {self._backend.socket_path}>"
+    def __init__(self, endpoint: IStreamClientEndpoint, factory: Factory, clock: Any, max_delay: float,
+                 failed: Any) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.clock = clock
+        self.max_delay = max_delay
+        self.failed = failed
+        self.protocol: Optional[Any] = None
+        self.connecting: Optional[Deferred] = None
+        self._timer: Optional[Any] = None
+        self._failures = 0
+        self._stopped = True
+        self._on_lost: List[Deferred] = []
 
-    def connect(self, factory: Any) -> Deferred:
-        d: Deferred = self._endpoint.connect(factory)
-        d.addErrback(self._backend._connect_failed)
+    def start(self) -> None:
+        self._stopped = False
+        self._attempt()
+
+    def now(self) -> None:
+        """Try at once, unless connected, connecting, or stopped."""
+        if self._stopped or self.protocol is not None or self.connecting is not None:
+            return
+        self._attempt()
+
+    def within(self, delay: float) -> None:
+        """Make the next attempt no later than `delay` seconds from now (while waiting to retry)."""
+        timer = self._timer
+        if timer is not None and timer.active() and timer.getTime() - self.clock.seconds() > delay:
+            timer.reset(delay)
+
+    def _attempt(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.connecting = d = self.endpoint.connect(self.factory)
+        d.addCallbacks(self._made, self._not_made)
+
+    def _made(self, protocol: Any) -> None:
+        self.connecting = None
+        self._failures = 0
+        self.protocol = protocol
+
+    def _not_made(self, failure: Failure) -> None:
+        self.connecting = None
+        if self._stopped:
+            return
+        self._failures += 1
+        self._later()
+        self.failed(failure)
+
+    def lost(self, protocol: Any) -> None:
+        """The connection `protocol` had is gone (its connectionLost)."""
+        if protocol is not self.protocol:
+            return
+        self.protocol = None
+        waiting, self._on_lost = self._on_lost, []
+        for d in waiting:
+            d.callback(None)
+        if not self._stopped:
+            self._later()
+
+    def _later(self) -> None:
+        delay = min(self.max_delay, RETRY_FIRST_DELAY * 2 ** max(self._failures - 1, 0)) + _jitter()
+        self._timer = self.clock.callLater(delay, self._attempt)
+
+    def stop(self) -> Deferred:
+        """No more attempts; close the connection. Fires once it is closed."""
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.protocol is None or self.protocol.transport is None:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._on_lost.append(d)
+        self.protocol.transport.loseConnection()
         return d
 
 
@@ -571,7 +669,7 @@ class AMPBackend(Service):
             ("lookups", "answers", "coalesced", "cache_hits", "errors", "resent", "reports", "connections"), 0)
         """Counters, for tests and the operator's curiosity: lookups sent, and how many were saved."""
         self._protocol: Optional[_ClientProtocol] = None
-        self._client: Optional[ClientService] = None
+        self._connector: Optional[_Connector] = None
         self._inflight: Dict[Key, _Lookup] = {}
         self._queued: List[_Lookup] = []
         self._cache: "OrderedDict[Key, Tuple[_Answer, Any]]" = OrderedDict()
@@ -579,23 +677,28 @@ class AMPBackend(Service):
         self._request_ids = 0
         self._open_streams = 0
         self._streams_closed: List[Deferred] = []
+        self._awaiting = 0
+        """ReadRequests sent and not yet answered: stopping waits for them (their files must go)."""
+        self._answers_in: List[Deferred] = []
         self._last_error = "not connected yet"
-        self._outage_logged = False
+        self._last_failure = -NUDGE_INTERVAL
+        self._last_failure_wall = 0.0
+        self.outage = Outage(log, "the backend", socket_path, reactor)
 
     # -- IService --------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        endpoint = _NotingEndpoint(UNIXClientEndpoint(self.reactor, self.socket_path, timeout=self.timeout), self)
-        self._client = ClientService(endpoint, _ClientFactory(self),
-                                     retryPolicy=backoffPolicy(initialDelay=0.05, factor=2.0,
-                                                               maxDelay=self.retry_max_delay, jitter=_jitter),
-                                     clock=self.reactor)
-        self._client.startService()
+        endpoint = UNIXClientEndpoint(self.reactor, self.socket_path, timeout=self.timeout)
+        self._connector = _Connector(endpoint, _ClientFactory(self), self.reactor, self.retry_max_delay,
+                                     self._connect_failed)
         log.info("Asking the backend at {path} what to serve", path=self.socket_path)
+        self._connector.start()
 
     def stopService(self) -> Deferred:
-        """Refuse new lookups now; close the connection once no transfer is still pulling a stream."""
+        """Refuse new lookups now; close the connection once no transfer is still pulling a stream and
+        the answers still on their way have come (at most `timeout`): a late ephemeral file is deleted,
+        a late descriptor closed."""
         super().stopService()
         shutting = Failure(BackendError("Server shutting down"))
         for lookup in [*self._inflight.values(), *self._queued]:
@@ -605,18 +708,33 @@ class AMPBackend(Service):
         self._queued.clear()
         while self._cache:
             self._uncache(next(iter(self._cache)))
-        done: Deferred = Deferred()
+        waits: List[Deferred] = []
         if self._open_streams:
-            self._streams_closed.append(done)
+            streams: Deferred = Deferred()
+            self._streams_closed.append(streams)
             timer = self.reactor.callLater(STOP_GRACE, self._stream_closed, force=True)
-            done.addBoth(_cancel_timer, timer)
-        else:
-            done.callback(None)
-        client = self._client
-        self._client = None
-        if client is not None:
-            done.addCallback(lambda _: client.stopService())
+            streams.addBoth(_cancel_timer, timer)
+            waits.append(streams)
+        if self._awaiting:
+            answers: Deferred = Deferred()
+            self._answers_in.append(answers)
+            timer = self.reactor.callLater(self.timeout, self._answer_in, force=True)
+            answers.addBoth(_cancel_timer, timer)
+            waits.append(answers)
+        done: Deferred = DeferredList(waits) if waits else succeed(None)
+        connector = self._connector  # kept: it hears of the connection's end through _lost
+        if connector is not None:
+            done.addCallback(lambda _: connector.stop())
         return done
+
+    def _answer_in(self, force: bool = False) -> None:
+        if not force:
+            self._awaiting -= 1
+        if self._awaiting <= 0 or force:
+            waiting, self._answers_in = self._answers_in, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
 
     # -- IBackend ---------------------------------------------------------------------------
 
@@ -632,7 +750,15 @@ class AMPBackend(Service):
             if reader is not None:
                 self.stats["cache_hits"] += 1
                 return _Reported(reader, self, request, request_id, answer.kind)
+        fail_fast = self._protocol is None and self.outage.down
+        if fail_fast and self._connector is not None and self._connector.connecting is None:
+            if self.reactor.seconds() - self._last_failure < NUDGE_INTERVAL and not self._socket_is_new():
+                self.outage.refused += 1  # known down a moment ago: say so now, not after the timeout
+                self._connector.within(NUDGE_INTERVAL)  # and have the next attempt soon: it is wanted
+                raise BackendError(UNAVAILABLE)
+            self._connector.now()  # it may be back: the attempt decides (on a UNIX socket, within a ms)
         waiter = _Waiter(self, request)
+        waiter.fail_fast = fail_fast
         lookup = self._inflight.get(key)
         if lookup is not None:
             self.stats["coalesced"] += 1
@@ -676,6 +802,8 @@ class AMPBackend(Service):
         except Exception:  # amp.TooLong for an absurd filename or option list, mostly
             self._failed(Failure(), lookup, protocol)
             return
+        self._awaiting += 1
+        d.addBoth(_passing, self._answer_in)
         d.addCallbacks(self._answered, self._failed, (lookup, protocol), None, (lookup, protocol))
         d.addErrback(_log_bug, "a backend answer")
 
@@ -722,6 +850,11 @@ class AMPBackend(Service):
     def _answer_from(self, response: Dict[str, Any], protocol: "_ClientProtocol") -> _Answer:
         """Turn a `ReadRequest` answer into something local. Ephemeral files are unlinked here, at once."""
         kind = response["kind"]
+        size = response.get("size")
+        if size is not None and not 0 <= size < 1 << 63:
+            log.warn("Backend at {path} gave a size of {size} bytes", path=self.socket_path, size=size,
+                     outcome="backend-error")
+            raise BackendError("Backend sent an invalid answer")
         if kind == INLINE and response["data"] is not None:
             return _InlineAnswer(response["data"])
         if kind == FD and response["fd"] is not None:
@@ -740,10 +873,13 @@ class AMPBackend(Service):
             self._open_streams += 1
             source = _StreamSource(self, protocol, response["stream_id"], response["size"], response["data"] or b"")
             return _StreamAnswer(source)
-        raise BackendError(f"Backend sent an answer this server does not understand: {kind!r}")
+        log.warn("Backend at {path} sent an answer this server does not understand: kind {kind!r} without what "
+                 "it needs", path=self.socket_path, kind=kind, outcome="backend-error")
+        raise BackendError("Backend sent an invalid answer")
 
     def _failed(self, failure: Failure, lookup: _Lookup, protocol: "_ClientProtocol") -> None:
-        if failure.check(ConnectionClosed) and lookup.waiters and self.running:
+        cut_off = bool(failure.check(ConnectionClosed)) or protocol.gone  # gone: dropped over a protocol error
+        if cut_off and lookup.waiters and self.running:
             # Cut off by a backend restart: ask again on the next connection, while time lasts.
             self.stats["resent"] += 1
             lookup.request_id = None
@@ -756,7 +892,7 @@ class AMPBackend(Service):
             del self._inflight[lookup.key]
         self.stats["errors"] += 1
         if not failure.check(TFTPError):
-            if failure.check(ConnectionClosed):
+            if cut_off:
                 failure = Failure(BackendError("Lost the connection to the backend"))
             else:
                 log.failure("Lookup of {file!r} failed", failure=failure, file=lookup.request.filename)
@@ -801,9 +937,12 @@ class AMPBackend(Service):
     def _connected(self, protocol: _ClientProtocol, software: Optional[str]) -> None:
         self._protocol = protocol
         self.stats["connections"] += 1
-        self._outage_logged = False
-        log.info("Connected to the backend at {path} ({software}, protocol {version})", path=self.socket_path,
-                 software=software or "unknown software", version=protocol.version)
+        refused = self.outage.refused
+        away = self.outage.back(quiet=True)
+        log.info("Connected to the backend at {path} ({software}, protocol {version}){after}", path=self.socket_path,
+                 software=software or "unknown software", version=protocol.version,
+                 after="" if away is None else f", after {away:.1f} s without it ({refused} requests refused)",
+                 )
         queued, self._queued = self._queued, []
         for lookup in queued:
             if lookup.waiters:
@@ -812,23 +951,48 @@ class AMPBackend(Service):
                 self._abandon(lookup)
 
     def _lost(self, protocol: _ClientProtocol, reason: Failure) -> None:
+        if self._connector is not None:
+            self._connector.lost(protocol)
         if self._protocol is not protocol:
+            if self.running and protocol.version is None:  # it hung up before settling the greeting
+                self._last_failure = self.reactor.seconds()
+                self.outage.went(f"the connection closed before the greeting: {reason.getErrorMessage()}")
             return
         self._protocol = None
         self._last_error = f"connection lost: {reason.getErrorMessage()}"
-        log.warn("Lost the connection to the backend at {path}: {reason}", path=self.socket_path,
-                 reason=reason.getErrorMessage())
+        if self.running:
+            self.outage.went(reason.getErrorMessage(),
+                             "Lost the connection to {what} at {path}: {reason}; reconnecting")
+        else:  # we closed it: shutting down is not news
+            log.info("Closed the connection to the backend at {path}", path=self.socket_path)
         # Streams of that connection are gone with it; other answers are local and stay good.
         for key in [k for k, (answer, _) in self._cache.items() if isinstance(answer, _StreamAnswer)]:
             self._uncache(key)
 
-    def _connect_failed(self, failure: Failure) -> Failure:
+    def _connect_failed(self, failure: Failure) -> None:
         self._last_error = failure.getErrorMessage()
-        if not self._outage_logged:
-            self._outage_logged = True
-            log.warn("Cannot reach the backend at {path}: {reason}; retrying", path=self.socket_path,
-                     reason=self._last_error)
-        return failure
+        self._last_failure = self.reactor.seconds()
+        self._last_failure_wall = time.time()
+        self.outage.went(explain(self.socket_path, failure))
+        # Those who asked while it was known down are told now; earlier ones wait out their timeout.
+        for lookup in list(self._queued):
+            for waiter in [w for w in lookup.waiters if w.fail_fast]:
+                lookup.forget(waiter)
+                self.outage.refused += 1
+                waiter.fail(Failure(BackendError(UNAVAILABLE)))
+
+    def _socket_is_new(self) -> bool:
+        """A socket made since the last failed attempt: a backend just started, worth trying at once."""
+        try:
+            info = os.stat(self.socket_path)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(info.st_mode) and info.st_ctime >= self._last_failure_wall
+
+    def _greeting_refused(self, reason: str) -> None:
+        self._last_error = f"greeting refused: {reason}"
+        self._last_failure = self.reactor.seconds()
+        self.outage.went(self._last_error)
 
     def unavailable_reason(self) -> str:
         return self._last_error
@@ -875,6 +1039,11 @@ class _Entry:
 def _jitter() -> float:
     """Up to 0.2 s added to each retry delay, so servers restarted together do not knock in step."""
     return random.random() * 0.2
+
+
+def _passing(result: Any, call: Any) -> Any:
+    call()
+    return result
 
 
 def _cancel_timer(result: Any, timer: Any) -> Any:

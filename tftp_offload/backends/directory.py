@@ -101,7 +101,7 @@ class DirectoryBackend:
         if not parts:
             raise FileNotFound("File not found")
         path = os.path.realpath(os.path.join(self.root, *([directory] if directory else []), *parts))
-        if path != self.root and not path.startswith(self.root.rstrip("/") + "/"):
+        if not self._inside(path):
             raise AccessViolation("Access violation: path leaves the served directory")
         return path
 
@@ -109,11 +109,22 @@ class DirectoryBackend:
         remote = context.get("remote")
         local = context.get("local")
         path = self.locate(file_name, remote[0] if remote else None, local[0] if local else None)
-        # The canonical path has no link left unless one was swapped in since: do not follow one.
+        # The canonical path has no link left unless one was swapped in since: do not follow one,
+        # and check where the descriptor really is (a directory on the way swapped for a link out).
         fd = open_regular(path, follow_symlinks=False)
+        try:
+            opened = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            opened = path  # no /proc: the checks above are all there is
+        if not self._inside(opened):
+            os.close(fd)
+            raise AccessViolation("Access violation: path leaves the served directory")
         reader = FileReader(fd)
         reader.kind = "directory"
         return reader
+
+    def _inside(self, path: str) -> bool:
+        return path == self.root or path.startswith(self.root.rstrip("/") + "/")
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")

@@ -21,9 +21,13 @@ Everything here follows from that format's sharp edges:
   with the raw reply for the operator, never a guess.
 - An `EPH` file is opened and then unlinked at once, before a single block
   is sent: the open descriptor serves the transfer, and nothing is left
-  behind however the transfer ends, even if this process dies. A reply that
-  arrives after the server gave up on the request (or after the timeout)
-  still has its `EPH` file deleted.
+  behind however the transfer ends, even if this process dies.
+- rackd writes an `EPH` file before it answers, and nobody but us deletes
+  it. So when the timeout fires the client is told at once, but the
+  connection stays open `late_grace` seconds more: a late answer is still
+  read, and its file deleted. Stopping the service waits for those
+  exchanges (each bounded by `timeout + late_grace`), so a lookup in flight
+  at shutdown leaves nothing behind either.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Set, Union
 
-from twisted.internet.defer import Deferred
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -46,11 +51,15 @@ from ..errors import AccessViolation, BackendError, FileNotFound, TFTPError, Uns
 from ..interfaces import IBackend
 from ..readers import FileReader, discard_ephemeral, open_ephemeral, open_regular
 from ..server import LOOKUP_TIMEOUT
+from .outage import Outage, explain
 
 log = Logger()
 
 MAX_REPLY = 65536
 """Bytes of reply accepted: a path is at most PATH_MAX (4096); anything far longer is not a reply."""
+
+LATE_GRACE = 10.0
+"""Seconds after the timeout a late answer is still read, so that its ephemeral file is deleted."""
 
 _SHOWN = 200
 """Bytes of a bad reply quoted in the log: enough to recognise it, not enough to flood."""
@@ -105,14 +114,12 @@ def wire_host(host: str) -> bytes:
 def encode_request(local: str, client: str, file_name: bytes) -> bytes:
     """The whole request, to be written at once. Ports are not part of the format.
 
-    A filename with a NUL would shift rackd's fields, and the format is ASCII
-    (rackd cannot decode anything else), so both are refused here, clearly,
-    instead of being answered by a dropped connection.
+    A filename with a NUL would shift rackd's fields, so it is refused here,
+    clearly. Anything else goes as the client sent it: rackd serves non-ASCII
+    names (`caf\u00e9.txt`) like any other.
     """
     if b"\0" in file_name:
         raise AccessViolation("Access violation: NUL in filename")
-    if not file_name.isascii():
-        raise AccessViolation("Access violation: filename is not ASCII")
     return b"\0".join((wire_host(local), wire_host(client), file_name)) + _TERMINATOR
 
 
@@ -150,18 +157,27 @@ def error_for_answer(answer: ErrorAnswer) -> TFTPError:
     """The exception that gives the client the TFTP error rackd meant.
 
     rackd sends code 0 for everything and says what it means in the message,
-    so a message starting `File not found` is error 1. Its text (rackd's path
-    for the file) is not the client's business: the client gets the standard
-    one, as for every backend. Other messages (e.g. `Insecure path`) are what
-    rackd's own TFTP server would have sent, so they are passed on.
+    so a message starting `File not found` is error 1, and one starting
+    `Insecure path` (a traversal: `../../etc/passwd`) is error 2, as rackd's
+    own TFTP server sends them. Both texts name server paths, which are not
+    the client's business: the client gets the standard text. So does any
+    other message that holds a path (a `/`); the rest are passed on.
     """
-    if answer.code == FileNotFound.code or answer.message.startswith("File not found"):
+    message = answer.message
+    if answer.code == FileNotFound.code or message.startswith("File not found"):
         return FileNotFound("File not found")
-    if answer.code == AccessViolation.code:
-        return AccessViolation(answer.message or "Access violation")
+    if answer.code == AccessViolation.code or message.startswith("Insecure path"):
+        return AccessViolation(_shown(message, "Access violation"))
     if answer.code == Unsupported.code:
-        return Unsupported(answer.message or "Unsupported operation")
-    return BackendError(answer.message or "Backend error")
+        return Unsupported(_shown(message, "Unsupported operation"))
+    return BackendError(_shown(message, "Backend error"))
+
+
+def _shown(message: str, standard: str) -> str:
+    """rackd's message for the client, unless it is empty or names a path (then the standard text)."""
+    if not message or "/" in message or "\\" in message or message.startswith("Insecure path"):
+        return standard
+    return message
 
 
 def _quote(reply: bytes) -> str:
@@ -217,17 +233,24 @@ class _OneExchange(Factory):
 class _Lookup:
     """One request to rackd, from connecting to a reader (or an error), bounded by `timeout`.
 
-    `result` is what the server waits for. It has no canceller on purpose:
-    when the server gives up first (its own timeout, the client moved on,
-    shutdown), the exchange still runs to its end so that an `EPH` file rackd
-    created for us is deleted, and the timer still bounds it.
+    `result` is what the server waits for: it fails at `timeout` (the client
+    is told at once), but the exchange goes on up to `late_grace` seconds
+    more, so that a late answer is still read and its `EPH` file deleted
+    (rackd wrote it, and nobody else would). `result` has no canceller on
+    purpose: when the server gives up first (its own timeout, the client
+    moved on, shutdown), the exchange still runs to its end for the same
+    reason. `done` fires when the exchange is over, whatever its outcome.
     """
 
     def __init__(self, backend: LegacyBackend, file_name: bytes, request: bytes) -> None:
         self.backend = backend
         self.file_name = file_name
         self.result: Deferred[FileReader] = Deferred()
+        self.done: Deferred[None] = Deferred()
         self.timed_out = False
+        self.closed_by_us: Optional[str] = None
+        """Why we closed the connection ourselves, if we did: rackd did not simply close without answering."""
+        self.started = backend.reactor.seconds()
         reactor = backend.reactor
         self.exchange = _Exchange(request)
         self.exchange.finished.addCallback(self._replied)
@@ -239,7 +262,25 @@ class _Lookup:
         self.timed_out = True
         if not self.connecting.called:
             self.connecting.cancel()  # -> _not_connected
+            return
+        grace = self.backend.late_grace
+        log.warn("rackd at {socket} did not answer {name} within {timeout}s{waiting}", socket=self.backend.socket_path,
+                 **_names(self.file_name), timeout=self.backend.timeout,
+                 waiting=f"; a late answer is still taken for {grace:g}s, and its file deleted" if grace > 0 else "",
+                 outcome="backend-timeout")
+        self._fail(BackendError(NO_ANSWER))
+        if grace > 0:
+            self.timer = self.backend.reactor.callLater(grace, self.close, f"no answer within {self.waited()}")
         else:
+            self.close(f"no answer within {self.backend.timeout:g}s")
+
+    def waited(self) -> str:
+        return f"{self.backend.reactor.seconds() - self.started:.1f}s"
+
+    def close(self, why: str) -> None:
+        """Stop waiting: drop the connection now (no lingering close), saying why in the log."""
+        if self.closed_by_us is None and not self.exchange.finished.called:
+            self.closed_by_us = why
             self.exchange.abort()  # -> _replied, with what came so far
 
     def _stop_timer(self) -> None:
@@ -247,54 +288,71 @@ class _Lookup:
             self.timer.cancel()
 
     def _fail(self, exception: TFTPError) -> None:
-        if not self.result.called:  # else the server has already given up (cancelled it)
+        if not self.result.called:  # else the server has already given up (cancelled it) or we timed out
             self.result.errback(exception)
+
+    def _end(self) -> None:
+        self.backend._ended(self)
+        if not self.done.called:
+            self.done.callback(None)
 
     def _not_connected(self, failure: Failure) -> None:
         self._stop_timer()
         self.backend.connected = False
-        if self.timed_out:
-            log.warn("rackd at {socket} did not accept a connection within {timeout}s (request for {file!r})",
-                     socket=self.backend.socket_path, timeout=self.backend.timeout, file=self.file_name,
-                     outcome="backend-timeout")
-            self._fail(BackendError(NO_ANSWER))
-            return
-        log.warn("Cannot reach rackd at {socket} for {file!r}: {error}", socket=self.backend.socket_path,
-                 file=self.file_name, error=failure.getErrorMessage(), outcome="backend-unavailable")
-        self._fail(BackendError(UNREACHABLE))
+        try:
+            if self.timed_out:
+                log.warn("rackd at {socket} did not accept a connection within {timeout}s (request for {name})",
+                         socket=self.backend.socket_path, timeout=self.backend.timeout, **_names(self.file_name),
+                         outcome="backend-timeout")
+                self._fail(BackendError(NO_ANSWER))
+                return
+            self.backend._unreachable(self.file_name, failure)
+            self._fail(BackendError(UNREACHABLE))
+        finally:
+            self._end()
 
     def _replied(self, reply: bytes) -> None:
         self._stop_timer()
         self.backend.connected = True
+        try:
+            self._handle(reply)
+        finally:
+            self._end()
+
+    def _handle(self, reply: bytes) -> None:
         socket_path = self.backend.socket_path
+        late = self.timed_out or self.result.called
         if self.exchange.oversized:
-            log.warn("Reply from rackd at {socket} for {file!r} exceeds {limit} bytes: {reply}", socket=socket_path,
-                     file=self.file_name, limit=MAX_REPLY, reply=_quote(reply), outcome="backend-error")
+            log.warn("Reply from rackd at {socket} for {name} exceeds {limit} bytes: {reply}", socket=socket_path,
+                     **_names(self.file_name), limit=MAX_REPLY, reply=_quote(reply), outcome="backend-error")
             self._fail(BackendError(INVALID))
+            return
+        if self.closed_by_us is not None and not reply.endswith(_TERMINATOR):
+            # Our doing, not rackd's: say so, not "the connection closed without an answer".
+            log.info("Stopped waiting for rackd at {socket} over {name}: {why} (got {reply})", socket=socket_path,
+                     **_names(self.file_name), why=self.closed_by_us, reply=_quote(reply))
+            self._fail(BackendError(NO_ANSWER))
             return
         try:
             answer = parse_reply(reply)
         except MalformedReply as e:
-            if self.timed_out:
-                log.warn("rackd at {socket} did not answer {file!r} within {timeout}s (got {reply})",
-                         socket=socket_path, file=self.file_name, timeout=self.backend.timeout,
-                         reply=_quote(reply), outcome="backend-timeout")
-                self._fail(BackendError(NO_ANSWER))
-            else:
-                log.warn("Invalid reply from rackd at {socket} for {file!r}: {reason}; reply {reply}",
-                         socket=socket_path, file=self.file_name, reason=str(e), reply=_quote(reply),
-                         outcome="backend-error")
-                self._fail(BackendError(INVALID))
+            log.warn("Invalid reply from rackd at {socket} for {name}: {reason}; reply {reply}",
+                     socket=socket_path, **_names(self.file_name), reason=str(e), reply=_quote(reply),
+                     outcome="backend-error")
+            self._fail(BackendError(INVALID))
             return
+        self.backend._reachable()
         if isinstance(answer, ErrorAnswer):
-            log.debug("rackd refused {file!r}: {code} {message}", file=self.file_name, code=answer.code,
+            log.debug("rackd refused {name}: {code} {message}", **_names(self.file_name), code=answer.code,
                       message=answer.message)
             self._fail(error_for_answer(answer))
             return
-        if self.result.called or self.timed_out:
-            # Nobody will serve it (a complete answer that came without EOF in time also counts).
+        if late:
+            # Nobody will serve it: delete what rackd made for us, which nobody else would.
             if answer.ephemeral:
                 discard_ephemeral(answer.path)
+            log.info("Late answer from rackd for {name} after {waited}{deleted}", **_names(self.file_name),
+                     waited=self.waited(), deleted=": its ephemeral file is deleted" if answer.ephemeral else "")
             self._fail(BackendError(NO_ANSWER))
             return
         try:
@@ -303,6 +361,12 @@ class _Lookup:
             self._fail(e)
             return
         self.result.callback(reader)
+
+
+def _names(file_name: bytes) -> Dict[str, Any]:
+    """A filename's log fields: `file` as the client sent it, `name` as an operator writes it (text,
+    undecodable bytes escaped), which is what the lines show."""
+    return {"file": file_name, "name": file_name.decode("utf-8", "backslashreplace")}
 
 
 def open_answer(answer: FileAnswer) -> FileReader:
@@ -335,25 +399,34 @@ def open_answer(answer: FileAnswer) -> FileReader:
 
 
 @implementer(IBackend)
-class LegacyBackend:
+class LegacyBackend(Service):
     """Asks a MAAS 2.2-3.4 rack controller what to serve, over its legacy offload socket.
 
     Stateless: one short-lived connection per request, so rackd restarting
-    (or not running yet) costs the requests of that moment a TFTP error 0,
-    and the next request simply connects again. The request's addresses come
-    from `twisted.python.context` ("local" and "remote", as the server sets
-    them); their ports are not part of the format.
+    (or not running yet) costs the requests of that moment a TFTP error 0 at
+    once, and the next request simply connects again. That it is down is
+    logged once, then every minute at most, and once more when it is back.
+    The request's addresses come from `twisted.python.context` ("local" and
+    "remote", as the server sets them); their ports are not part of the format.
+
+    A service only so that stopping waits for exchanges still running (their
+    late answers' files are deleted); `get_reader` works without starting it.
     """
 
-    def __init__(self, socket_path: str, timeout: float = LOOKUP_TIMEOUT, reactor: Any = None) -> None:
+    def __init__(self, socket_path: str, timeout: float = LOOKUP_TIMEOUT, reactor: Any = None,
+                 late_grace: float = LATE_GRACE) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.socket_path = socket_path
         self.timeout = timeout
+        self.late_grace = late_grace
         self.reactor = reactor
         self.connected: Optional[bool] = None
         """Whether the last request reached rackd (None before the first): one connection per request,
         so this is as near as the legacy format comes to a connection state (`tftp_backend_up`)."""
+        self.lookups: Set[_Lookup] = set()
+        """Exchanges with rackd not yet over."""
+        self.outage = Outage(log, "rackd", socket_path, reactor)
 
     def get_reader(self, file_name: bytes) -> Deferred[FileReader]:
         local: Optional[Any] = context.get("local")
@@ -361,7 +434,32 @@ class LegacyBackend:
         if local is None or remote is None:
             raise BackendError("Backend error: no request addresses (called outside a TFTP request)")
         request = encode_request(local[0], remote[0], file_name)
-        return _Lookup(self, file_name, request).result
+        lookup = _Lookup(self, file_name, request)
+        if not lookup.done.called:
+            self.lookups.add(lookup)
+        return lookup.result
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")
+
+    def stopService(self) -> Deferred:
+        """Fires once every exchange still running is over (each ends within `timeout + late_grace`)."""
+        super().stopService()
+        running = [lookup.done for lookup in self.lookups]
+        if not running:
+            return succeed(None)
+        log.info("Waiting for {count} answers from rackd (at most {seconds:g}s), to delete their files",
+                 count=len(running), seconds=self.timeout + self.late_grace)
+        return DeferredList(running)
+
+    def _ended(self, lookup: _Lookup) -> None:
+        self.lookups.discard(lookup)
+
+    def _unreachable(self, file_name: bytes, failure: Failure) -> None:
+        self.outage.went(explain(self.socket_path, failure))
+        self.outage.refused += 1
+        log.debug("Refused {name}: rackd at {socket} is unavailable ({error})", socket=self.socket_path,
+                  **_names(file_name), error=failure.getErrorMessage(), outcome="backend-unavailable")
+
+    def _reachable(self) -> None:
+        self.outage.back()
