@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
+from .guard import Guard, GuardLimits
 from .interfaces import IBackend
 from .options import Limits, negotiate
 from .packets import (
@@ -55,33 +56,16 @@ UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
 
 MTU_CACHE_SIZE = 4096
 
-REFUSALS_PER_SECOND = 100
-"""ERROR replies to malformed requests sent at most per second."""
-
 REMEMBER_COMPLETED = 5.0
 """Seconds a completed transfer's request is kept to recognise a duplicate read after it ended."""
 MAX_REMEMBERED = 100_000
 """Completed transfers remembered at most (a few MB at worst)."""
 
 
-class _LogBudget:
-    """At most `per_second` events of one kind a second: bad traffic must not flood the log."""
-
-    def __init__(self, per_second: int = 10) -> None:
-        self.per_second = per_second
-        self._second = 0
-        self._count = 0
-        self.suppressed = 0
-
-    def allow(self, now: float) -> bool:
-        second = int(now)
-        if second != self._second:
-            self._second, self._count = second, 0
-        self._count += 1
-        if self._count > self.per_second:
-            self.suppressed += 1
-            return False
-        return True
+_PER_CLIENT = {
+    "client-busy": "it has {sessions} transfers running (--max-sessions-per-client)",
+    "rate-limited": "too many requests a second from it (--max-requests-per-second-per-client)",
+}
 
 
 class TFTPServer:
@@ -95,6 +79,7 @@ class TFTPServer:
         lookup_timeout: float = LOOKUP_TIMEOUT,
         reactor: Any = None,
         quiet: bool = False,
+        guard: GuardLimits = GuardLimits(),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -105,8 +90,10 @@ class TFTPServer:
         self.reactor = reactor
         self.sessions: Dict[Address, Session] = {}
         self._mtus: Dict[Tuple[str, str], Optional[int]] = {}
-        self._bad = _LogBudget()
-        self._refusals = _LogBudget(REFUSALS_PER_SECOND)
+        self.guard = Guard(guard, reactor)
+        """Per-client limits, the --allow list, and the budgets for ERROR replies and refusal log lines."""
+        self._full = False
+        """Whether --max-sessions was reached (logged once, until a session ends)."""
         self.accepting = True
         self._drained: Optional[Deferred] = None
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
@@ -124,32 +111,39 @@ class TFTPServer:
         while its transfer still ran from a new request made after it ended.
         """
         client = (plain_host(wire_client[0]), wire_client[1])
+        guard = self.guard
+        if not guard.permitted(client[0]):
+            if guard.may_log(self.reactor.seconds()):
+                log.info("Ignored a datagram from {client}: not on an --allow network", client=client,
+                         outcome="not-allowed")
+            return
         local = plain_host(local)
         try:
             packet = decode(data)
         except MalformedPacket as e:
             is_request = data[:2] in (b"\0\1", b"\0\2")
-            if self._bad.allow(self.reactor.seconds()):
+            if self.guard.may_log(self.reactor.seconds()):
                 log.info("Malformed datagram from {client}: {reason}", client=client, reason=str(e),
                          outcome="malformed")
-            if is_request and self._refusals.allow(self.reactor.seconds()):
+            if is_request and guard.may_reply(self.reactor.seconds()):
                 # Someone meant to ask for a file: tell them why not (within a budget, since the
                 # ERROR is larger than the smallest malformed request: no amplifier for spoofers).
                 listener.reply(encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}"),
                                wire_client, local)
             return
         if not isinstance(packet, Request):
-            if self._bad.allow(self.reactor.seconds()):
+            if self.guard.may_log(self.reactor.seconds()):
                 log.info("Ignored {opcode} from {client} on the request port", client=client,
                          opcode=Opcode(data[1]).name, outcome="ignored")
             return
         if packet.opcode == Opcode.WRQ:
-            if self._bad.allow(self.reactor.seconds()):
+            if self.guard.may_log(self.reactor.seconds()):
                 log.info("Refused write request for {file!r} from {client}", client=client,
                          file=packet.filename, outcome="refused")
-            listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
-                                        "Write requests are not supported: this server is read-only"),
-                           wire_client, local)
+            if guard.may_reply(self.reactor.seconds()):
+                listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
+                                            "Write requests are not supported: this server is read-only"),
+                               wire_client, local)
             return
         if not self.accepting:
             return
@@ -160,24 +154,34 @@ class TFTPServer:
             if done is not None and done[0] == data and arrived < done[1]:
                 # It arrived while its transfer ran (the reactor just handled the final ACK first):
                 # a small file is often sent and ACKed before the ROM's duplicate RRQ is read.
-                if self._bad.allow(now):
+                if self.guard.may_log(now):
                     log.debug("Duplicate request from {client} ignored (already served)", client=client)
                 return
         else:
             if existing.raw == data and now - existing.started < DUPLICATE_WINDOW:
-                if self._bad.allow(now):
+                if self.guard.may_log(now):
                     log.debug("Duplicate request from {client} ignored", client=client)
                 return
             # The client has moved on (a UEFI probe's follow-up RRQ, or a restart): so do we.
             existing.close("superseded")
+        refused = guard.admit(client[0], now)
+        if refused is not None:
+            if guard.may_log(now):
+                log.info("Dropped request for {file!r} from {client}: {why}; the client will retry",
+                         client=client, file=packet.filename, outcome=refused,
+                         why=_PER_CLIENT[refused].format(sessions=guard.sessions_of(client[0])))
+            return
         if len(self.sessions) >= self.max_sessions:
-            if self._bad.allow(now):
-                log.warn("Dropped request for {file!r} from {client}: {sessions} transfers running "
-                         "(--max-sessions); the client will retry", client=client, file=packet.filename,
+            if not self._full:
+                # Once, not per request: a storm would write a line per retry. Recovery is logged too.
+                self._full = True
+                log.warn("Dropping requests: {sessions} transfers running (--max-sessions); clients "
+                         "will retry, and are served as transfers end", client=client,
                          sessions=len(self.sessions), outcome="busy")
             return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
+        guard.opened(client[0])
         session.lookup()
 
     def path_mtu(self, local: str, peer: str) -> Optional[int]:
@@ -194,6 +198,11 @@ class TFTPServer:
     def forget(self, session: "Session") -> None:
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
+            self.guard.closed(session.client[0])
+            if self._full:
+                self._full = False
+                log.info("Accepting requests again: {sessions} transfers running (--max-sessions {limit})",
+                         sessions=len(self.sessions), limit=self.max_sessions, outcome="not-busy")
         if session.outcome == Outcome.COMPLETE:
             self._remember_completed(session, session.last_arrival or time.time())
         self._check_drained()
@@ -221,17 +230,15 @@ class TFTPServer:
     def drain(self, grace: float) -> Deferred:
         """Take no new requests, give running transfers `grace` seconds to end, then abort the rest.
 
-        Requests still waiting for the backend are refused at once: their
-        transfers have not begun, and the ROM will retry (perhaps elsewhere).
-        Every session, however it ends, finishes its reader, which is where
+        Requests still waiting for the backend are waited for too: the backend
+        may be making a file for them (an ephemeral one that only finishing its
+        reader removes), and an answer within the grace is served. Every
+        session, however it ends, finishes its reader, which is where
         ephemeral files are removed. Fires when no session is left.
         """
         self.accepting = False
         drained = self._drained = Deferred()
-        for session in list(self.sessions.values()):
-            if session.engine is None:
-                session.close("aborted", "Server shutting down")
-        if not self.sessions:  # the last close above (or none at all) has fired it
+        if not self.sessions:
             self._check_drained()
             return drained
         if grace > 0:
@@ -249,6 +256,7 @@ class TFTPServer:
         """Fire the Deferred `drain()` returned once the last session is gone."""
         if self._drained is not None and not self.sessions:
             drained, self._drained = self._drained, None
+            self.guard.stop()
             drained.callback(None)
 
 
@@ -314,8 +322,12 @@ class Session(DatagramProtocol):
             self._got_reader(result)
 
     def _reply_error(self, code: int, message: str) -> None:
-        """An ERROR before the transfer has a port of its own: from the listener, from the RRQ's address."""
-        self.listener.reply(encode_error(code, message), self.wire_client, self.local)
+        """An ERROR before the transfer has a port of its own: from the listener, from the RRQ's address.
+
+        Within the listeners' one reply budget (`Guard.may_reply`), like every ERROR sent from there.
+        """
+        if self.server.guard.may_reply(self.server.reactor.seconds()):
+            self.listener.reply(encode_error(code, message), self.wire_client, self.local)
 
     def _lookup_timed_out(self) -> None:
         self._timer = None
@@ -331,8 +343,9 @@ class Session(DatagramProtocol):
         else:
             code, message, expected = error_for(failure.value)
         if expected:
-            log.info("Request for {file!r} from {client} refused: {message}", file=self.request.filename,
-                     client=self.client, message=message, code=int(code), outcome="refused")
+            if self.server.guard.may_log(self.server.reactor.seconds()):
+                    log.info("Request for {file!r} from {client} refused: {message}", file=self.request.filename,
+                         client=self.client, message=message, code=int(code), outcome="refused")
         else:
             log.failure("Backend failed on {file!r} from {client}", failure=failure,
                         file=self.request.filename, client=self.client, outcome="backend-error")
@@ -476,6 +489,7 @@ class Session(DatagramProtocol):
             if outcome == Outcome.COMPLETE:
                 self.last_arrival = self._port.last_arrival()
             self._port.stopListening()
+            self._port = None  # the port keeps us as its protocol: no cycle, so both are freed at once
         report = self.report() if self.engine is not None else None
         if self.reader is not None:
             # A reader that wants to know how it went (the AMP backend tells its peer) says so

@@ -15,6 +15,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+from .guard import GuardLimits
 from .options import Limits
 from .server import LOOKUP_TIMEOUT, ListenerProtocol, TFTPServer
 from .udp import RequestPort, is_ipv6
@@ -44,6 +45,8 @@ class TFTPOffloadService(Service):
     - `quiet`: log only transfers that fail.
     - `drain_timeout`: on stop, seconds running transfers get to finish.
     - `inherited`: (fd, family) of bound UDP sockets to adopt (socket activation).
+    - `guard`: per-client session cap and request rate, the allowed client networks, the budgets
+      for ERROR replies and refusal log lines (`tftp_offload.guard.GuardLimits`).
     - `reactor`: defaults to the global one, looked up only when the service starts.
     """
 
@@ -58,6 +61,7 @@ class TFTPOffloadService(Service):
         quiet: bool = False,
         drain_timeout: float = DRAIN_TIMEOUT,
         inherited: Sequence[Tuple[int, int]] = (),
+        guard: GuardLimits = GuardLimits(),
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -68,6 +72,7 @@ class TFTPOffloadService(Service):
         self.quiet = quiet
         self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
+        self.guard = guard
         self.server: Optional[TFTPServer] = None
         self.ports: List[RequestPort] = []
 
@@ -76,7 +81,7 @@ class TFTPOffloadService(Service):
         if reactor is None:
             from twisted.internet import reactor
         self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
-                                 self.quiet)
+                                 self.quiet, self.guard)
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:
             for fd, family in self.inherited:

@@ -7,16 +7,21 @@ import signal
 from typing import Any, Callable, List, Tuple
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.logger import Logger
 from twisted.python import usage
 
 from .activation import inherited_datagram_sockets
 from .backends.directory import DirectoryBackend
+from .guard import MAX_SESSIONS_PER_CLIENT, REQUESTS_PER_SECOND_PER_CLIENT, GuardLimits, parse_network
 from .interfaces import IBackend
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
 
 PROTOCOLS = ("amp", "legacy")
+
+log = Logger(namespace="tftp_offload")
 
 
 def parse_listen(text: str) -> Tuple[str, int]:
@@ -81,6 +86,12 @@ class Options(usage.Options):
         ["rollover", None, 0, "Block number after 65535: 0 or 1.", _number(int, 0, 1, "--rollover")],
         ["max-sessions", None, 1000, "Transfers (and backend lookups) at once; further requests are "
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
+        ["max-sessions-per-client", None, MAX_SESSIONS_PER_CLIENT, "Transfers one client address may run "
+         "at once (0: no limit); more from it are dropped until one ends. Raise it for many machines "
+         "behind one NAT address.", _number(int, 0, 1000000, "--max-sessions-per-client")],
+        ["max-requests-per-second-per-client", None, REQUESTS_PER_SECOND_PER_CLIENT, "New transfers one "
+         "client address may start a second, with bursts of twice that (0: no limit); more are dropped.",
+         _number(float, 0, 1000000, "--max-requests-per-second-per-client")],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
     ]
@@ -89,6 +100,7 @@ class Options(usage.Options):
         super().__init__()
         self.listen: List[Tuple[str, int]] = []
         self.inherited: List[Tuple[int, int]] = []
+        self.allow: List[Any] = []
 
     def opt_listen(self, value: str) -> None:
         """HOST:PORT or [IPV6]:PORT to listen on; repeat for more (default: the sockets systemd passed
@@ -96,6 +108,14 @@ class Options(usage.Options):
         self.listen.append(parse_listen(value))
 
     opt_l = opt_listen
+
+    def opt_allow(self, value: str) -> None:
+        """NETWORK (CIDR: 192.0.2.0/24, 2001:db8::/32) whose clients are served; repeat for more.
+        Datagrams from elsewhere are dropped (default: every client is served)."""
+        try:
+            self.allow.append(parse_network(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--allow: {e}") from None
 
     def postOptions(self) -> None:
         if (self["root"] is None) == (self["socket"] is None):
@@ -123,6 +143,27 @@ def make_backend(options: Options) -> IBackend:
     from .backends.amp import AMPBackend
 
     return AMPBackend(options["socket"], timeout=options["backend-timeout"])
+
+
+class StopInOrder(MultiService):
+    """A MultiService that stops its children one after another, last added first.
+
+    MultiService stops them all at once, which would close the backend while
+    the TFTP service drains: lookups in flight would fail instead of being
+    answered (and their ephemeral files removed) within --drain-timeout.
+    """
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+
+        async def in_order() -> None:
+            for child in reversed(list(self)):
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("Stopping {service} failed", service=child)
+
+        return ensureDeferred(in_order())
 
 
 class AbortOnSecondSignal(Service):
@@ -160,7 +201,7 @@ def makeService(options: Options) -> IService:
         rollover=options["rollover"],
     )
     backend = make_backend(options)
-    top = MultiService()
+    top = StopInOrder()
     if IService.providedBy(backend):
         backend.setServiceParent(top)  # type: ignore[attr-defined]
     tftp = TFTPOffloadService(
@@ -173,6 +214,9 @@ def makeService(options: Options) -> IService:
         quiet=bool(options["quiet"]),
         drain_timeout=options["drain-timeout"],
         inherited=options.inherited,
+        guard=GuardLimits(max_sessions_per_client=options["max-sessions-per-client"],
+                          requests_per_second_per_client=options["max-requests-per-second-per-client"],
+                          allow=tuple(options.allow)),
     )
     tftp.setServiceParent(top)
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
