@@ -110,6 +110,8 @@ class TFTPServer:
         receive time (time.time() scale), which tells a duplicate that arrived
         while its transfer still ran from a new request made after it ended.
         """
+        if not self.accepting:
+            return  # draining: nothing new is taken
         client = (plain_host(wire_client[0]), wire_client[1])
         guard = self.guard
         if not guard.permitted(client[0]):
@@ -144,8 +146,6 @@ class TFTPServer:
                 listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
                                             "Write requests are not supported: this server is read-only"),
                                wire_client, local)
-            return
-        if not self.accepting:
             return
         now = self.reactor.seconds()
         existing = self.sessions.get(client)

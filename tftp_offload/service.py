@@ -109,13 +109,21 @@ class TFTPOffloadService(Service):
         return [(port.getHost().host, port.getHost().port) for port in self.ports]
 
     def stopService(self) -> Deferred:
-        """Stop listening at once; running transfers get `drain_timeout` seconds to finish."""
+        """Take no new request at once; running transfers and lookups get `drain_timeout` seconds to finish.
+
+        The listening sockets stay open (taking nothing new) until the drain
+        is over, so that a lookup still in flight can be answered, with an
+        ERROR if need be, from the address its client asked.
+        """
         super().stopService()
-        stopping = [listener.stopListening() for listener in self.ports]
-        self.ports = []
-        if self.server is not None:
-            stopping.append(self.server.drain(self.drain_timeout))
-        return DeferredList([d for d in stopping if d is not None])
+        ports, self.ports = self.ports, []
+
+        def close(result: object = None) -> Deferred:
+            return DeferredList([d for d in (listener.stopListening() for listener in ports) if d is not None])
+
+        if self.server is None:
+            return close()
+        return self.server.drain(self.drain_timeout).addCallback(close)
 
 
 def _show(host: str, port: int) -> str:
