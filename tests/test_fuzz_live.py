@@ -27,7 +27,7 @@ FUZZ_RATE = 10_000
 """Datagrams a second at most: about what one core's server reads while serving, so most are read."""
 FUZZERS = [f"127.0.0.{i}" for i in range(2, 6)]
 CHECK_EVERY = 20_000
-WARM_UP = 10_000
+WARM_UP = 20_000
 """RSS after this many is the reference for growth: the first ones warm the process up (code paths
 first taken, the allocator's pools), which is no leak."""
 
