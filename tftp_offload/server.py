@@ -94,6 +94,8 @@ class TFTPServer:
         """Per-client limits, the --allow list, and the budgets for ERROR replies and refusal log lines."""
         self._full = False
         """Whether --max-sessions was reached (logged once, until a session ends)."""
+        self._dropped = 0
+        """Requests dropped since it was."""
         self.accepting = True
         self._drained: Optional[Deferred] = None
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
@@ -172,12 +174,16 @@ class TFTPServer:
                          why=_PER_CLIENT[refused].format(sessions=guard.sessions_of(client[0])))
             return
         if len(self.sessions) >= self.max_sessions:
+            self._dropped += 1
             if not self._full:
-                # Once, not per request: a storm would write a line per retry. Recovery is logged too.
+                # Once when it fills, not per request (a storm would write a line per retry), and within
+                # the log budget (a server at its limit fills and frees a slot many times a second).
                 self._full = True
-                log.warn("Dropping requests: {sessions} transfers running (--max-sessions); clients "
-                         "will retry, and are served as transfers end", client=client,
-                         sessions=len(self.sessions), outcome="busy")
+                self._dropped = 1
+                if guard.may_log(now):
+                    log.warn("Dropping requests: {sessions} transfers running (--max-sessions); clients "
+                             "will retry, and are served as transfers end", client=client,
+                             sessions=len(self.sessions), outcome="busy")
             return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
@@ -201,8 +207,9 @@ class TFTPServer:
             self.guard.closed(session.client[0])
             if self._full:
                 self._full = False
-                log.info("Accepting requests again: {sessions} transfers running (--max-sessions {limit})",
-                         sessions=len(self.sessions), limit=self.max_sessions, outcome="not-busy")
+                if self.guard.may_log(self.reactor.seconds()):
+                    log.info("Accepting requests again after dropping {dropped} (--max-sessions {limit})",
+                             dropped=self._dropped, limit=self.max_sessions, outcome="not-busy")
         if session.outcome == Outcome.COMPLETE:
             self._remember_completed(session, session.last_arrival or time.time())
         self._check_drained()
