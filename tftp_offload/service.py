@@ -111,12 +111,15 @@ class TFTPOffloadService(Service):
     def stopService(self) -> Deferred:
         """Take no new request at once; running transfers and lookups get `drain_timeout` seconds to finish.
 
-        The listening sockets stay open (taking nothing new) until the drain
-        is over, so that a lookup still in flight can be answered, with an
-        ERROR if need be, from the address its client asked.
+        The listening sockets stay open but unread until the drain is over: a
+        lookup still in flight can still be answered, with an ERROR if need
+        be, from the address its client asked, and new requests wait in the
+        socket (an inherited one hands them to the next start).
         """
         super().stopService()
         ports, self.ports = self.ports, []
+        for listener in ports:
+            listener.stopReading()
 
         def close(result: object = None) -> Deferred:
             return DeferredList([d for d in (listener.stopListening() for listener in ports) if d is not None])
