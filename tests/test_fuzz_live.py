@@ -34,7 +34,8 @@ first taken, the allocator's pools), which is no leak."""
 Address = Tuple[str, int]
 
 ABSURD_OPTIONS = [
-    ("blksize", "0"), ("blksize", "7"), ("blksize", "65465"), ("blksize", "99999999999999999999"),
+    ("blksize", "0"), ("blksize", "7"), ("blksize", "65465"), ("blksize", "65464"), ("windowsize", "64"),
+    ("blksize", "99999999999999999999"),
     ("blksize", "-1"), ("blksize", "0x10"), ("blksize", " 512"), ("blksize", "١٢٣"), ("windowsize", "0"),
     ("windowsize", "65536"), ("tsize", "-5"), ("tsize", "1" * 400), ("timeout", "0"), ("timeout", "256"),
     ("timeout", "nan"), ("rollover", "7"), ("BLKSIZE", "1468"), ("", ""), ("x" * 300, "y" * 300),
