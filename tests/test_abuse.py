@@ -86,7 +86,9 @@ def test_one_source_cannot_hold_every_session(twistd_factory: StartServer, attac
         for sock in socks:
             sock.sendto(tftp_client.rrq(name, options={"blksize": str(512 + round_)}), (CLIENT, server.port))
     time.sleep(0.3)
-    assert fetch_time(server) < 2.0
+    waited = fetch_time(server)
+    print(f"2,000 RRQs from one address over 400 ports: another client served in {waited:.3f}s")
+    assert waited < 2.0
     log = server.log()
     assert "--max-sessions-per-client" in log
     server.assert_healthy()
