@@ -30,6 +30,8 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 TWISTD = [str(REPO / ".venv" / "bin" / "twistd"), "-n", "--pidfile="]
 TFTPLOAD = REPO / "build" / "bench" / "tftpload"
+UNLIMITED = ["--max-sessions-per-client", "0", "--max-requests-per-second-per-client", "0"]
+"""The load generator is one client address: the per-client limits would measure themselves."""
 
 
 def free_port() -> int:
@@ -88,7 +90,7 @@ def main() -> None:
     try:
         ports["directory"] = free_port()
         procs["directory"] = start([*TWISTD, "tftp-offload", "--quiet", "--root", str(root), "--listen",
-                                     f"127.0.0.1:{ports['directory']}", "--max-sessions", "2000"],
+                                     f"127.0.0.1:{ports['directory']}", "--max-sessions", "2000", *UNLIMITED],
                                    work / "directory.log")
         sock = work / "backend.sock"
         procs["backend"] = start([*TWISTD, "tftp-offload-backend", "--socket", str(sock), "--root", str(root)],
@@ -98,7 +100,7 @@ def main() -> None:
             time.sleep(0.1)
         ports["amp"] = free_port()
         procs["amp"] = start([*TWISTD, "tftp-offload", "--quiet", "--socket", str(sock), "--listen",
-                               f"127.0.0.1:{ports['amp']}", "--max-sessions", "2000"], work / "amp.log")
+                               f"127.0.0.1:{ports['amp']}", "--max-sessions", "2000", *UNLIMITED], work / "amp.log")
         hpa: Optional[str] = shutil.which("in.tftpd")
         if hpa:
             ports["tftpd-hpa"] = free_port()

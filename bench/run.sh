@@ -35,6 +35,8 @@ done
 version=$("$repo/.venv/bin/python" -c 'import tftp_offload; print(tftp_offload.__version__)')
 commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 server="$repo/.venv/bin/twistd -n --pidfile= tftp-offload --quiet --root {root} --listen {hostport} --max-sessions 2000"
+# The load generator is one client address: per-client limits off, or they are what is measured.
+server="$server --max-sessions-per-client 0 --max-requests-per-second-per-client 0"
 
 python3 "$shared/bench/run_anchors.py" \
   --servers tftpd-hpa \

@@ -111,7 +111,8 @@ async def test_stop_aborts_a_stalled_transfer_after_the_drain_timeout(serve: Ser
 
 
 @pytest_twisted.ensureDeferred
-async def test_stop_refuses_requests_still_waiting_for_the_backend(serve: Serving) -> None:
+async def test_stop_waits_for_lookups_in_flight(serve: Serving) -> None:
+    """A lookup in flight when the service stops is waited for within the drain, and served."""
     pending: List[Deferred] = []
     backend = Backend({b"file": FILE})
     backend.answer = lambda name: pending.append(Deferred()) or pending[-1]
@@ -122,11 +123,35 @@ async def test_stop_refuses_requests_still_waiting_for_the_backend(serve: Servin
     await until(lambda: pending, what="the lookup")
 
     stopped = service.stopService()
-    stopped.addTimeout(1.0, get_reactor())
-    await stopped  # at once: no transfer had begun
+    stopped.addTimeout(3.0, get_reactor())
+    await sleep(0.1)
+    assert not stopped.called
+    other = serve.peer()  # nothing new is taken meanwhile
+    other.send(wire.rrq(b"file"), server)
+    await other.silence()
+    pending[0].callback(backend.make(b"file"))
+    got = await download(peer, server, send_request=False)
+    assert got.complete and got.data == FILE
+    await stopped  # at once after the transfer, not after the whole drain timeout
+    assert len(pending) == 1 and backend.readers[0].finished == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_aborts_lookups_the_drain_did_not_see_answered(serve: Serving) -> None:
+    pending: List[Deferred] = []
+    backend = Backend({b"file": FILE})
+    backend.answer = lambda name: pending.append(Deferred()) or pending[-1]
+    service = serve(backend, drain_timeout=0.2)
+    server = ("127.0.0.1", port_of(service))
+    peer = serve.peer()
+    peer.send(wire.rrq(b"file"), server)
+    await until(lambda: pending, what="the lookup")
+    stopped = service.stopService()
+    stopped.addTimeout(2.0, get_reactor())
     reply, source = await peer.recv()
-    assert source == server
+    assert source == server  # from the address asked: the listener closes after the drain
     assert wire.parse_error(reply) == (0, "Server shutting down")
+    await stopped
     late = backend.make(b"file")
     pending[0].callback(late)  # the backend answers after the stop: its reader is released
     assert late.finished == 1 and late.reads == 0

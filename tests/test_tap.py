@@ -10,6 +10,7 @@ processes on inherited sockets.)
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -24,9 +25,10 @@ from twisted.python import usage
 
 from tftp_offload.activation import inherited_datagram_sockets
 from tftp_offload.backends.directory import DirectoryBackend
+from tftp_offload.guard import GuardLimits
 from tftp_offload.options import Limits
 from tftp_offload.service import DEFAULT_LISTEN, TFTPOffloadService
-from tftp_offload.tap import Options, makeService, parse_listen
+from tftp_offload.tap import Options, StopInOrder, makeService, parse_listen
 
 
 @pytest.fixture(autouse=True)
@@ -108,8 +110,11 @@ def test_listen_repeats_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ["--socket", "/run/x.sock", "--protocol", "carrier-pigeon"],
         ["--root", "{root}", "--listen", "::1:69"],
         ["--root", "{root}", "--timeout", "5", "--give-up", "2"],
+        ["--root", "{root}", "--allow", "lab"],
+        ["--root", "{root}", "--allow", "192.0.2.0/33"],
     ],
-    ids=["neither", "both", "missing-root", "protocol", "listen", "give-up-below-timeout"],
+    ids=["neither", "both", "missing-root", "protocol", "listen", "give-up-below-timeout", "allow-name",
+         "allow-prefix"],
 )
 def test_option_errors(tmp_path: Path, args: List[str]) -> None:
     with pytest.raises(usage.UsageError) as caught:
@@ -133,6 +138,8 @@ def test_option_errors(tmp_path: Path, args: List[str]) -> None:
         ("--max-sessions", "0"),
         ("--backend-timeout", "61"),
         ("--drain-timeout", "-0.5"),
+        ("--max-sessions-per-client", "-1"),
+        ("--max-requests-per-second-per-client", "fast"),
     ],
 )
 def test_bad_numbers_give_one_line(tmp_path: Path, option: str, value: str) -> None:
@@ -167,6 +174,46 @@ def test_make_service_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert tftp.listen == list(DEFAULT_LISTEN)
     assert tftp.limits == Limits(max_windowsize=64)
     assert tftp.quiet is False
+    assert tftp.guard == GuardLimits()  # documented defaults: 100 sessions, 100 requests/s per client
+
+
+def test_make_service_with_limits(tmp_path: Path) -> None:
+    options = parse("--root", str(tmp_path), "--max-sessions-per-client", "4",
+                    "--max-requests-per-second-per-client", "2.5", "--allow", "192.0.2.0/24",
+                    "--allow", "2001:db8::/32", "--allow", "::ffff:198.51.100.0/120")
+    [tftp] = [child for child in makeService(options) if isinstance(child, TFTPOffloadService)]
+    assert tftp.guard == GuardLimits(max_sessions_per_client=4, requests_per_second_per_client=2.5,
+                                     allow=(ipaddress.ip_network("192.0.2.0/24"),
+                                            ipaddress.ip_network("2001:db8::/32"),
+                                            ipaddress.ip_network("198.51.100.0/24")))
+    assert GuardLimits().max_sessions_per_client == 100
+    assert GuardLimits().requests_per_second_per_client == 100
+
+
+def test_backend_stops_after_the_drain(tmp_path: Path) -> None:
+    """The backend must still answer lookups while the TFTP service drains: stopped after it."""
+    from twisted.application.service import Service
+    from twisted.internet.defer import Deferred
+
+    order: List[str] = []
+    gate: Deferred = Deferred()
+
+    class Recorder(Service):
+        def __init__(self, name: str, wait: bool) -> None:
+            self.name, self.wait = name, wait
+
+        def stopService(self) -> object:
+            order.append(self.name)
+            return gate if self.wait else None
+
+    top = StopInOrder()
+    Recorder("backend", False).setServiceParent(top)
+    Recorder("tftp", True).setServiceParent(top)
+    top.startService()
+    stopped = top.stopService()
+    assert order == ["tftp"]  # the backend waits for the drain
+    gate.callback(None)
+    assert order == ["tftp", "backend"] and stopped.called
 
 
 # ---------------------------------------------------------- socket activation --

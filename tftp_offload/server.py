@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from . import logs
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
+from .guard import Guard, GuardLimits
 from .interfaces import IBackend
 from .options import Limits, negotiate
 from .packets import (
@@ -58,33 +59,16 @@ UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
 
 MTU_CACHE_SIZE = 4096
 
-REFUSALS_PER_SECOND = 100
-"""ERROR replies to malformed requests sent at most per second."""
-
 REMEMBER_COMPLETED = 5.0
 """Seconds a completed transfer's request is kept to recognise a duplicate read after it ended."""
 MAX_REMEMBERED = 100_000
 """Completed transfers remembered at most (a few MB at worst)."""
 
 
-class _LogBudget:
-    """At most `per_second` events of one kind a second: bad traffic must not flood the log."""
-
-    def __init__(self, per_second: int = 10) -> None:
-        self.per_second = per_second
-        self._second = 0
-        self._count = 0
-        self.suppressed = 0
-
-    def allow(self, now: float) -> bool:
-        second = int(now)
-        if second != self._second:
-            self._second, self._count = second, 0
-        self._count += 1
-        if self._count > self.per_second:
-            self.suppressed += 1
-            return False
-        return True
+_PER_CLIENT = {
+    "client-busy": "it has {sessions} transfers running (--max-sessions-per-client)",
+    "rate-limited": "too many requests a second from it (--max-requests-per-second-per-client)",
+}
 
 
 class TFTPServer:
@@ -98,6 +82,7 @@ class TFTPServer:
         lookup_timeout: float = LOOKUP_TIMEOUT,
         reactor: Any = None,
         quiet: bool = False,
+        guard: GuardLimits = GuardLimits(),
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -108,8 +93,12 @@ class TFTPServer:
         self.reactor = reactor
         self.sessions: Dict[Address, Session] = {}
         self._mtus: Dict[Tuple[str, str], Optional[int]] = {}
-        self._bad = _LogBudget()
-        self._refusals = _LogBudget(REFUSALS_PER_SECOND)
+        self.guard = Guard(guard, reactor)
+        """Per-client limits, the --allow list, and the budgets for ERROR replies and refusal log lines."""
+        self._full = False
+        """Whether --max-sessions was reached (logged once, until a session ends)."""
+        self._dropped = 0
+        """Requests dropped since it was."""
         self.accepting = True
         self._drained: Optional[Deferred] = None
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
@@ -129,16 +118,26 @@ class TFTPServer:
         receive time (time.time() scale), which tells a duplicate that arrived
         while its transfer still ran from a new request made after it ended.
         """
+        if not self.accepting:
+            self.stats.refuse("draining")
+            return  # draining: nothing new is taken
         client = (plain_host(wire_client[0]), wire_client[1])
+        guard = self.guard
+        if not guard.permitted(client[0]):
+            if guard.may_log(self.reactor.seconds()):
+                log.info("Ignored a datagram from {client}: not on an --allow network", client=logs.address(*client),
+                         event="dropped", reason="not-allowed")
+            self.stats.refuse("not-allowed")
+            return
         local = plain_host(local)
         try:
             packet = decode(data)
         except MalformedPacket as e:
             is_request = data[:2] in (b"\0\1", b"\0\2")
-            if self._bad.allow(self.reactor.seconds()):
+            if guard.may_log(self.reactor.seconds()):
                 log.info("Malformed datagram from {client}: {reason}", client=logs.address(*client),
                          reason=str(e), event="malformed", outcome=logs.REFUSED if is_request else None)
-            if is_request and self._refusals.allow(self.reactor.seconds()):
+            if is_request and guard.may_reply(self.reactor.seconds()):
                 # Someone meant to ask for a file: tell them why not (within a budget, since the
                 # ERROR is larger than the smallest malformed request: no amplifier for spoofers).
                 listener.reply(encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}"),
@@ -149,23 +148,23 @@ class TFTPServer:
         if not isinstance(packet, Request):
             # An ACK or ERROR here is the normal aftermath of an ERROR sent from this port (tftp-hpa
             # acknowledges a refusal): not worth a line. Anything else is odd.
-            if data[1] not in (Opcode.ACK, Opcode.ERROR) and self._bad.allow(self.reactor.seconds()):
+            if data[1] not in (Opcode.ACK, Opcode.ERROR) and guard.may_log(self.reactor.seconds()):
                 log.info("Ignored {opcode} from {client} on the request port", client=logs.address(*client),
                          opcode=Opcode(data[1]).name, event="ignored")
             self.stats.refuse("not-request")
             return
         if packet.opcode == Opcode.WRQ:
-            if self._bad.allow(self.reactor.seconds()):
+            if guard.may_log(self.reactor.seconds()):
                 log.info("refused write request for {file} from {client}: this server is read-only",
                          client=logs.address(*client), file=logs.filename(packet.filename), event="write-request",
                          outcome=logs.REFUSED, error_code=int(ErrorCode.ACCESS_VIOLATION))
-            listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
-                                        "Write requests are not supported: this server is read-only"),
-                           wire_client, local)
-            self.stats.refuse("wrq", ErrorCode.ACCESS_VIOLATION)
-            return
-        if not self.accepting:
-            self.stats.refuse("draining")
+            if guard.may_reply(self.reactor.seconds()):
+                listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
+                                            "Write requests are not supported: this server is read-only"),
+                               wire_client, local)
+                self.stats.refuse("wrq", ErrorCode.ACCESS_VIOLATION)
+            else:
+                self.stats.refuse("wrq")
             return
         now = self.reactor.seconds()
         existing = self.sessions.get(client)
@@ -188,16 +187,30 @@ class TFTPServer:
                     return  # a ROM's retransmission: its transfer runs
                 # The client has moved on (a restart, another file): so do we.
                 existing.close(Outcome.ABORTED)
+        refused = guard.admit(client[0], now)
+        if refused is not None:
+            if guard.may_log(now):
+                log.info("Dropped request for {file} from {client}: {why}; the client will retry",
+                         client=logs.address(*client), file=logs.filename(packet.filename), event="dropped",
+                         reason=refused, why=_PER_CLIENT[refused].format(sessions=guard.sessions_of(client[0])))
+            self.stats.refuse("limit")
+            return
         if len(self.sessions) >= self.max_sessions:
-            if self._bad.allow(now):
-                log.warn("Dropped request for {file} from {client}: {sessions} transfers running "
-                         "(--max-sessions); the client will retry", client=logs.address(*client),
-                         file=logs.filename(packet.filename), sessions=len(self.sessions), event="dropped",
-                         reason="capacity")
+            self._dropped += 1
+            if not self._full:
+                # Once when it fills, not per request (a storm would write a line per retry), and within
+                # the log budget (a server at its limit fills and frees a slot many times a second).
+                self._full = True
+                self._dropped = 1
+                if guard.may_log(now):
+                    log.warn("Dropping requests: {sessions} transfers running (--max-sessions); clients "
+                             "will retry, and are served as transfers end", sessions=len(self.sessions),
+                             event="dropped", reason="capacity")
             self.stats.refuse("capacity")
             return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
+        guard.opened(client[0])
         session.lookup()
 
     def path_mtu(self, local: str, peer: str) -> Optional[int]:
@@ -214,6 +227,12 @@ class TFTPServer:
     def forget(self, session: "Session") -> None:
         if self.sessions.get(session.client) is session:
             del self.sessions[session.client]
+            self.guard.closed(session.client[0])
+            if self._full:
+                self._full = False
+                if self.guard.may_log(self.reactor.seconds()):
+                    log.info("Accepting requests again after dropping {dropped} (--max-sessions {limit})",
+                             dropped=self._dropped, limit=self.max_sessions, event="accepting")
         if session.outcome == Outcome.COMPLETE:
             self._remember_completed(session, session.last_arrival or time.time())
         self._check_drained()
@@ -241,17 +260,15 @@ class TFTPServer:
     def drain(self, grace: float) -> Deferred:
         """Take no new requests, give running transfers `grace` seconds to end, then abort the rest.
 
-        Requests still waiting for the backend are refused at once: their
-        transfers have not begun, and the ROM will retry (perhaps elsewhere).
-        Every session, however it ends, finishes its reader, which is where
+        Requests still waiting for the backend are waited for too: the backend
+        may be making a file for them (an ephemeral one that only finishing its
+        reader removes), and an answer within the grace is served. Every
+        session, however it ends, finishes its reader, which is where
         ephemeral files are removed. Fires when no session is left.
         """
         self.accepting = False
         drained = self._drained = Deferred()
-        for session in list(self.sessions.values()):
-            if session.engine is None:
-                session.close("aborted", "Server shutting down")
-        if not self.sessions:  # the last close above (or none at all) has fired it
+        if not self.sessions:
             self._check_drained()
             return drained
         if grace > 0:
@@ -269,6 +286,7 @@ class TFTPServer:
         """Fire the Deferred `drain()` returned once the last session is gone."""
         if self._drained is not None and not self.sessions:
             drained, self._drained = self._drained, None
+            self.guard.stop()
             drained.callback(None)
 
 
@@ -344,9 +362,13 @@ class Session(DatagramProtocol):
             self._got_reader(result)
 
     def _reply_error(self, code: int, message: str) -> None:
-        """An ERROR before the transfer has a port of its own: from the listener, from the RRQ's address."""
-        self.listener.reply(encode_error(code, message), self.wire_client, self.local)
-        self.server.stats.error_sent(code)
+        """An ERROR before the transfer has a port of its own: from the listener, from the RRQ's address.
+
+        Within the listeners' one reply budget (`Guard.may_reply`), like every ERROR sent from there.
+        """
+        if self.server.guard.may_reply(self.server.reactor.seconds()):
+            self.listener.reply(encode_error(code, message), self.wire_client, self.local)
+            self.server.stats.error_sent(code)
 
     def _lookup_timed_out(self) -> None:
         self._timer = None
@@ -518,6 +540,7 @@ class Session(DatagramProtocol):
             if outcome == Outcome.COMPLETE:
                 self.last_arrival = self._port.last_arrival()
             self._port.stopListening()
+            self._port = None  # the port keeps us as its protocol: no cycle, so both are freed at once
         report = self.report() if self.engine is not None else None
         if report is None:  # refused before a transfer began: the end event still says how it went
             report = {"outcome": outcome, "bytes": 0, "duration": self.server.reactor.seconds() - self.started,
@@ -532,7 +555,9 @@ class Session(DatagramProtocol):
                 except Exception:
                     log.failure("reader.transfer_finished() failed")
             _finish_reader(self.reader)
-        if not (self.server.quiet and self._shown_outcome(report) in (logs.COMPLETE, logs.PROBE)):
+        if self.engine is None and not self.server.guard.may_log(self.server.reactor.seconds()):
+            pass  # a refusal before any transfer: its line is within the log budget (a flood is not a log)
+        elif not (self.server.quiet and self._shown_outcome(report) in (logs.COMPLETE, logs.PROBE)):
             fields = self.fields(report)
             log.info(logs.end_format(fields), **fields, event="transfer-end")
         if self.engine is not None:

@@ -15,6 +15,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+from .guard import GuardLimits
 from .logs import address as show
 from .options import Limits
 from .server import LOOKUP_TIMEOUT, ListenerProtocol, TFTPServer
@@ -49,6 +50,8 @@ class TFTPOffloadService(Service):
     - `observer`: called with a `tftp_offload.stats.TransferReport` as each
       transfer ends (on the reactor thread; an exception it raises is logged).
       More can be added to `observers`, before or after the start.
+    - `guard`: per-client session cap and request rate, the allowed client networks, the budgets
+      for ERROR replies and refusal log lines (`tftp_offload.guard.GuardLimits`).
     - `reactor`: defaults to the global one, looked up only when the service starts.
     """
 
@@ -64,6 +67,7 @@ class TFTPOffloadService(Service):
         drain_timeout: float = DRAIN_TIMEOUT,
         inherited: Sequence[Tuple[int, int]] = (),
         observer: Optional[Callable[[TransferReport], Any]] = None,
+        guard: GuardLimits = GuardLimits(),
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -75,6 +79,7 @@ class TFTPOffloadService(Service):
         self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
         self.observers: List[Callable[[TransferReport], Any]] = [observer] if observer is not None else []
+        self.guard = guard
         self.server: Optional[TFTPServer] = None
         self.log_starts = False
         """Log a transfer-start event for every transfer too (the end event alone says how it went)."""
@@ -85,7 +90,7 @@ class TFTPOffloadService(Service):
         if reactor is None:
             from twisted.internet import reactor
         self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
-                                 self.quiet)
+                                 self.quiet, self.guard)
         self.server.log_starts = self.log_starts
         self.server.stats.observers = self.observers  # the same list: observers added later are called too
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
@@ -118,13 +123,24 @@ class TFTPOffloadService(Service):
         return [(port.getHost().host, port.getHost().port) for port in self.ports]
 
     def stopService(self) -> Deferred:
-        """Stop listening at once; running transfers get `drain_timeout` seconds to finish."""
+        """Take no new request at once; running transfers and lookups get `drain_timeout` seconds to finish.
+
+        The listening sockets stay open but unread until the drain is over: a
+        lookup still in flight can still be answered, with an ERROR if need
+        be, from the address its client asked, and new requests wait in the
+        socket (an inherited one hands them to the next start).
+        """
         super().stopService()
-        stopping = [listener.stopListening() for listener in self.ports]
-        self.ports = []
-        if self.server is not None:
-            stopping.append(self.server.drain(self.drain_timeout))
-        return DeferredList([d for d in stopping if d is not None])
+        ports, self.ports = self.ports, []
+        for listener in ports:
+            listener.stopReading()
+
+        def close(result: object = None) -> Deferred:
+            return DeferredList([d for d in (listener.stopListening() for listener in ports) if d is not None])
+
+        if self.server is None:
+            return close()
+        return self.server.drain(self.drain_timeout).addCallback(close)
 
 
 def describe(backend: Any) -> str:

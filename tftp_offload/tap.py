@@ -7,12 +7,14 @@ import signal
 from typing import Any, Callable, List, Tuple
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from .activation import inherited_datagram_sockets
 from .backends.directory import PER_CLIENT, DirectoryBackend
+from .guard import MAX_SESSIONS_PER_CLIENT, REQUESTS_PER_SECOND_PER_CLIENT, GuardLimits, parse_network
 from .interfaces import IBackend
 from .logs import address, json_observer
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
@@ -22,6 +24,8 @@ from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
 from .startup import StartupError, check_listen, check_root, fail, failed_to_listen, resolve, version
 
 PROTOCOLS = ("amp", "legacy")
+
+log = Logger(namespace="tftp_offload")
 
 
 def parse_listen(text: str) -> Tuple[str, int]:
@@ -99,6 +103,12 @@ class Options(usage.Options):
          "'mac' ROOT/<client MAC>/ (52-54-00-12-34-56, from the kernel's neighbour table)."],
         ["log-format", None, "text", "text (one readable line per event) or json (one JSON object per line, "
          "every structured field, transfer-start events too; for jq). Written where twistd's --logfile says."],
+        ["max-sessions-per-client", None, MAX_SESSIONS_PER_CLIENT, "Transfers one client address may run "
+         "at once (0: no limit); more from it are dropped until one ends. Raise it for many machines "
+         "behind one NAT address.", _number(int, 0, 1000000, "--max-sessions-per-client")],
+        ["max-requests-per-second-per-client", None, REQUESTS_PER_SECOND_PER_CLIENT, "New transfers one "
+         "client address may start a second, with bursts of twice that (0: no limit); more are dropped.",
+         _number(float, 0, 1000000, "--max-requests-per-second-per-client")],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
         ["metrics", None, None, "Serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client)."],
@@ -109,6 +119,7 @@ class Options(usage.Options):
         self.listen: List[Tuple[str, int]] = []
         self._listen_text: List[Tuple[str, Tuple[str, int]]] = []
         self.inherited: List[Tuple[int, int]] = []
+        self.allow: List[Any] = []
 
     def opt_listen(self, value: str) -> None:
         """HOST:PORT or [IPV6]:PORT to listen on (a host name means each of its addresses); repeat for
@@ -130,6 +141,14 @@ class Options(usage.Options):
             if getattr(self, "parent", None) is None:
                 raise  # a library caller or a test: let it see the error
             fail(str(e) if isinstance(e, StartupError) else f"{e} (twistd tftp-offload --help lists the options)")
+
+    def opt_allow(self, value: str) -> None:
+        """NETWORK (CIDR: 192.0.2.0/24, 2001:db8::/32) whose clients are served; repeat for more.
+        Datagrams from elsewhere are dropped (default: every client is served)."""
+        try:
+            self.allow.append(parse_network(value))
+        except ValueError as e:
+            raise usage.UsageError(f"--allow: {e}") from None
 
     def postOptions(self) -> None:
         if (self["root"] is None) == (self["socket"] is None):
@@ -203,6 +222,27 @@ def make_backend(options: Options) -> IBackend:
     return AMPBackend(options["socket"], timeout=options["backend-timeout"])
 
 
+class StopInOrder(MultiService):
+    """A MultiService that stops its children one after another, last added first.
+
+    MultiService stops them all at once, which would close the backend while
+    the TFTP service drains: lookups in flight would fail instead of being
+    answered (and their ephemeral files removed) within --drain-timeout.
+    """
+
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+
+        async def in_order() -> None:
+            for child in reversed(list(self)):
+                try:
+                    await maybeDeferred(child.stopService)
+                except Exception:
+                    log.failure("Stopping {service} failed", service=child)
+
+        return ensureDeferred(in_order())
+
+
 class CheckRoot(Service):
     """Warns, as the service starts (after twistd has shed privileges), if `--root` is unreadable."""
 
@@ -214,7 +254,7 @@ class CheckRoot(Service):
         check_root(self.root)
 
 
-class Top(MultiService):
+class Top(StopInOrder):
     """The service twistd runs; with --log-format json it gives the application its log observer.
 
     twistd adopts an `ILogObserver` component of the application (the .tac idiom)
@@ -316,6 +356,9 @@ def makeService(options: Options) -> IService:
         quiet=bool(options["quiet"]),
         drain_timeout=options["drain-timeout"],
         inherited=options.inherited,
+        guard=GuardLimits(max_sessions_per_client=options["max-sessions-per-client"],
+                          requests_per_second_per_client=options["max-requests-per-second-per-client"],
+                          allow=tuple(options.allow)),
     )
     tftp.log_starts = options["log-format"] == "json"
     tftp.setServiceParent(top)
