@@ -328,7 +328,7 @@ async def test_max_sessions_drops_and_recovers(serve: Serving, log_events: List[
     got = await download(first, server, send_request=False)
     assert got.complete and got.data == FILE
     await until(lambda: len(service.server.sessions) == 1, what="the first session to end")
-    [recovered] = events_with(log_events, outcome="not-busy")
+    [recovered] = events_with(log_events, event="accepting")
     assert recovered["dropped"] == 1
 
     backend.answer = None  # the retry is answered at once

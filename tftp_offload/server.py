@@ -205,7 +205,7 @@ class TFTPServer:
                 if guard.may_log(now):
                     log.warn("Dropping requests: {sessions} transfers running (--max-sessions); clients "
                              "will retry, and are served as transfers end", sessions=len(self.sessions),
-                             event="dropped", reason="capacity")
+                             client=logs.address(*client), event="dropped", reason="capacity")
             self.stats.refuse("capacity")
             return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
