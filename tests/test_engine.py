@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from hypothesis import given
@@ -420,8 +420,8 @@ def test_timer_resends_with_exponential_backoff_and_gives_up() -> None:
     source = Source(pattern(100))
     first = begin(engine, source)
     resends = fire_until_done(engine)
-    # resends after 1, 2, 4, 8 (the cap), 8 seconds; the next deadline is 31 >= give_up
-    assert resends == [(1.0, 1), (3.0, 1), (7.0, 1), (15.0, 1), (23.0, 1), (31.0, 0)]
+    # resends after 1, 2, 4, 8 (the cap), 8 seconds; the next would be at 31: it ends at 30 (give_up)
+    assert resends == [(1.0, 1), (3.0, 1), (7.0, 1), (15.0, 1), (23.0, 1), (30.0, 0)]
     assert engine.outcome == Outcome.TIMEOUT
     assert engine.retransmits == 5
     assert engine.need == 0
@@ -436,8 +436,10 @@ def test_timer_resends_exactly_the_outstanding_window() -> None:
     event(engine, source, ack(2), 0.5)
     assert engine.deadline == 1.5
     out = engine.timer(1.5)
-    assert data_blocks(out) == [3, 4, 5, 6]
-    assert engine.retransmits == 2 + 4  # blocks 3 and 4 again at the partial ACK, then the window
+    assert data_blocks(out) == [3]  # the oldest unacknowledged block alone
+    assert engine.retransmits == 2 + 1  # blocks 3 and 4 again at the partial ACK, then block 3
+    # The client's answer (it had 3 and 4, say) restarts go-back-N from the block after it.
+    assert data_blocks(engine.datagram(ack(4), 1.6)) == [5, 6]
 
 
 def test_backoff_cap_is_the_negotiated_timeout_when_larger() -> None:
@@ -445,7 +447,7 @@ def test_backoff_cap_is_the_negotiated_timeout_when_larger() -> None:
     engine = make_engine(blksize=8, timeout=10.0, limits=Limits(give_up=45.0))
     begin(engine, Source(pattern(100)))
     fired = fire_until_done(engine)
-    assert fired == [(10.0, 1), (20.0, 1), (30.0, 1), (40.0, 1), (50.0, 0)]
+    assert fired == [(10.0, 1), (20.0, 1), (30.0, 1), (40.0, 1), (45.0, 0)]  # ends at give_up
 
 
 def test_backoff_cap_is_max_backoff_for_short_timeouts() -> None:
@@ -488,19 +490,19 @@ def test_timer_while_waiting_for_the_reader_sends_nothing() -> None:
     assert engine.deadline == 2.0  # not backed off: nothing was resent
     engine.data(b"12345678", 1.5)
     assert engine.deadline == 2.5  # the line was idle: the timeout counts from this send
-    assert fire_until_done(engine) == [(2.5, 1), (4.5, 1), (8.5, 0)]  # give-up counts from start
+    assert fire_until_done(engine) == [(2.5, 1), (4.5, 1), (5.0, 0)]  # give-up counts from start
 
 
 @pytest.mark.parametrize("windowsize", [1, 16, 64])
 def test_silent_peer_costs_bounded_work(windowsize: int) -> None:
-    """A peer that never ACKs (a spoofed RRQ) gets the first window and a few resends of it."""
+    """A peer that never ACKs (a spoofed RRQ) gets the first window and a few resends of its first block."""
     limits = Limits(give_up=30.0)
     engine = make_engine(blksize=512, windowsize=windowsize, limits=limits)
     sent = len(begin(engine, Source(pattern(10 << 20))))
     fired = fire_until_done(engine)
     sent += sum(count for _, count in fired)
     assert engine.outcome == Outcome.TIMEOUT
-    assert sent == windowsize * 6
+    assert sent == windowsize + 5
     assert len(fired) <= limits.give_up / limits.timeout + 2
 
 
@@ -521,13 +523,25 @@ def test_client_error_ends_silently() -> None:
     assert engine.data(b"x" * 8, 0.4) == []
 
 
-def test_uefi_tsize_probe_ends_with_client_error() -> None:
+def test_uefi_tsize_probe_ends_as_a_probe() -> None:
     oack = {"tsize": "100"}
     engine = make_engine(blksize=512, oack=oack)
     assert begin(engine, Source(pattern(100))) == [packets.encode_oack(oack)]
     assert engine.datagram(encode_error(ErrorCode.OPTION_REFUSED, "tsize only"), 0.01) == []
-    assert engine.outcome == Outcome.CLIENT_ERROR
+    assert engine.outcome == Outcome.PROBE == "probe"
     assert engine.client_error == "8: tsize only"
+
+
+@pytest.mark.parametrize("oack", [{"blksize": "512"}, {"tsize": "100"}])
+def test_error_is_a_client_error_unless_it_answers_a_tsize_oack(oack: Dict[str, str]) -> None:
+    """Only an ERROR to an OACK with tsize, before ACK 0, is a probe; after ACK 0 it is a client error."""
+    engine = make_engine(blksize=512, oack=oack)
+    source = Source(pattern(1000))
+    begin(engine, source)
+    if "tsize" in oack:
+        event(engine, source, ack(0), 0.01)
+    engine.datagram(encode_error(ErrorCode.NOT_DEFINED, "gone"), 0.02)
+    assert engine.outcome == Outcome.CLIENT_ERROR
 
 
 @pytest.mark.parametrize(
@@ -565,7 +579,7 @@ def test_abort() -> None:
     engine.datagram(ack(4), 0.1)
     assert engine.need > 0
     out = engine.abort("shutting down", ErrorCode.NOT_DEFINED)
-    assert packets.decode(out) == packets.Error(0, "shutting down")
+    assert [packets.decode(d) for d in out] == [packets.Error(0, "shutting down")]
     assert engine.outcome == Outcome.ABORTED and engine.need == 0
     assert engine.datagram(ack(8), 0.2) == [] and engine.timer(50.0) == []
     assert engine.data(source.read(32), 0.3) == []
@@ -576,9 +590,9 @@ def test_abort_after_the_end_keeps_the_outcome() -> None:
     begin(engine, Source(b"abc"))
     engine.datagram(ack(1), 0.1)
     assert engine.outcome == Outcome.COMPLETE
-    assert packets.decode(engine.abort("reader failed", ErrorCode.ACCESS_VIOLATION)) == packets.Error(
-        2, "reader failed"
-    )
+    assert [packets.decode(d) for d in engine.abort("reader failed", ErrorCode.ACCESS_VIOLATION)] == [
+        packets.Error(2, "reader failed")
+    ]
     assert engine.outcome == Outcome.COMPLETE
 
 

@@ -35,7 +35,6 @@ from .packets import (
     Request,
     decode,
     encode_error,
-    encode_oack,
 )
 from .readers import NetasciiReader
 from .udp import Address, RequestPort, TransferPort, is_ipv6, path_mtu, plain_host
@@ -169,7 +168,7 @@ class TFTPServer:
                     log.debug("Duplicate request from {client} ignored", client=client)
                 return
             # The client has moved on (a UEFI probe's follow-up RRQ, or a restart): so do we.
-            existing.close("superseded")
+            existing.close(Outcome.ABORTED)  # superseded
         if len(self.sessions) >= self.max_sessions:
             if self._bad.allow(now):
                 log.warn("Dropped request for {file!r} from {client}: {sessions} transfers running "
@@ -230,7 +229,7 @@ class TFTPServer:
         drained = self._drained = Deferred()
         for session in list(self.sessions.values()):
             if session.engine is None:
-                session.close("aborted", "Server shutting down")
+                session.close(Outcome.ABORTED, "Server shutting down")
         if not self.sessions:  # the last close above (or none at all) has fired it
             self._check_drained()
             return drained
@@ -242,7 +241,7 @@ class TFTPServer:
 
     def abort_all(self) -> None:
         for session in list(self.sessions.values()):
-            session.close("aborted", "Server shutting down")
+            session.close(Outcome.ABORTED, "Server shutting down")
         self._check_drained()
 
     def _check_drained(self) -> None:
@@ -284,8 +283,10 @@ class Session(DatagramProtocol):
         self._backend_reader: Any = None
         self.last_arrival: Optional[float] = None
         """Kernel arrival time of the final ACK of a completed transfer."""
-        self.outcome: Optional[str] = None
+        self.outcome: Optional[Outcome] = None
         self._timer: Optional[IDelayedCall] = None
+        self._armed = 0.0
+        """When the transfer's timer is set to fire (compared with the engine's deadline)."""
         self._reading = False
         self._port: Optional[TransferPort] = None
 
@@ -337,7 +338,7 @@ class Session(DatagramProtocol):
             log.failure("Backend failed on {file!r} from {client}", failure=failure,
                         file=self.request.filename, client=self.client, outcome="backend-error")
         self._reply_error(code, message)
-        self._end("refused")
+        self._end(Outcome.REFUSED)
 
     def _got_reader(self, reader: Any) -> None:
         if self.outcome is not None:  # closed (or timed out) while the backend was thinking
@@ -360,15 +361,14 @@ class Session(DatagramProtocol):
             log.failure("Could not start a transfer of {file!r} to {client}", file=request.filename,
                         client=self.client)
             self._reply_error(ErrorCode.NOT_DEFINED, "Internal server error")
-            self._end("aborted")
+            self._end(Outcome.ABORTED)
             return
         self._port = port
-        self.engine = engine = ReadTransfer(negotiated, self.server.limits,
-                                            encode_oack(negotiated.oack) if negotiated.oack else None)
+        self.engine = engine = ReadTransfer(negotiated, self.server.limits)
         now = self.server.reactor.seconds()
         self._send(engine.start(now))
         self._pump(now)
-        self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
+        self._arm(now)
 
     # -- phase 2: the transfer (the hot path) ---------------------------------------------------
 
@@ -388,6 +388,18 @@ class Session(DatagramProtocol):
             self._pump(now)
         if engine.outcome is not None:
             self._end(engine.outcome)
+        elif engine.deadline < self._armed:
+            # Rare (an ACK after a backed-off timeout, a shorter learnt timeout): the timer would
+            # fire late. Usually the deadline moves later and the timer, firing early, follows it.
+            self._timer.cancel()  # type: ignore[union-attr]
+            self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        """Set the transfer's one timer for the engine's deadline (cancel and callLater: moving a
+        DelayedCall sooner searches the reactor's whole heap)."""
+        deadline = self.engine.deadline  # type: ignore[union-attr]
+        self._armed = deadline
+        self._timer = self.server.reactor.callLater(max(deadline - now, 0), self._timed_out)
 
     def _send(self, datagrams: List[bytes]) -> None:
         send = self._port.send  # type: ignore[union-attr]
@@ -434,7 +446,7 @@ class Session(DatagramProtocol):
             return
         log.failure("Reading {file!r} for {client} failed", failure=failure, file=self.request.filename,
                     client=self.client)
-        self.close("aborted", "Error reading the file")
+        self.close(Outcome.ABORTED, "Error reading the file")
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -448,24 +460,24 @@ class Session(DatagramProtocol):
         if engine.outcome is not None:
             self._end(engine.outcome)
         else:
-            self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
+            self._arm(now)
 
     # -- the end ----------------------------------------------------------------------------
 
-    def close(self, outcome: str, message: Optional[str] = None) -> None:
+    def close(self, outcome: Outcome, message: Optional[str] = None) -> None:
         """End from our side; `message`, if given, is sent to the client as ERROR 0."""
         if self.outcome is not None:
             return
         if message is not None:
             if self.engine is not None:
-                self._send([self.engine.abort(message)])
+                self._send(self.engine.abort(message))
             else:
                 self._reply_error(ErrorCode.NOT_DEFINED, message)
         # A lookup still running is left to finish: _got_reader finishes a late reader, and
         # _lookup_failed sees the outcome and stays quiet.
         self._end(outcome)
 
-    def _end(self, outcome: str) -> None:
+    def _end(self, outcome: Outcome) -> None:
         if self.outcome is not None:
             return
         self.outcome = outcome
