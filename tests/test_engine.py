@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -487,7 +488,7 @@ def test_timer_while_waiting_for_the_reader_sends_nothing() -> None:
     engine.start(0.0)
     assert engine.need == 8  # the driver is reading; the reader is slow
     assert engine.timer(1.0) == []
-    assert engine.deadline == 2.0  # not backed off: nothing was resent
+    assert engine.deadline == 5.0  # nothing was resent, nothing backed off: only give-up is left
     engine.data(b"12345678", 1.5)
     assert engine.deadline == 2.5  # the line was idle: the timeout counts from this send
     assert fire_until_done(engine) == [(2.5, 1), (4.5, 1), (5.0, 0)]  # give-up counts from start
@@ -620,6 +621,7 @@ events = st.lists(
 )
 
 GARBAGE = [b"", b"\x00\x04\x00", b"\x00\x03\x00\x01x", b"\xff\xff\xff\xff"]
+FIRES_FROM_THE_FLOOR = math.log2(MAX_BACKOFF / engine_module.MIN_RTO) + 1
 
 
 @QUICK
@@ -717,7 +719,8 @@ def test_random_events_keep_the_invariants(
         fired = 0
         while engine.outcome is None:
             fired += 1
-            assert fired <= limits.give_up / timeout + 2
+            # A learnt timeout starts as low as MIN_RTO: doublings up to MAX_BACKOFF, then steady.
+            assert fired <= max(limits.give_up / timeout, FIRES_FROM_THE_FLOOR + limits.give_up / MAX_BACKOFF) + 2
             now = max(now, engine.deadline)
             out = engine.timer(now)
             emit(out)
@@ -807,3 +810,231 @@ def test_read_ahead_is_capped_in_bytes_and_not_added_to_large_windows() -> None:
     wide = make_engine(blksize=512, windowsize=64, read_ahead=engine_module.READ_AHEAD_BYTES)
     wide.start(0.0)
     assert wide.need == 64 * 512  # the window is already more than the read-ahead
+
+
+# -- the learnt timeout (RFC 6298) ------------------------------------------------------------
+
+
+def lockstep_acks(engine: ReadTransfer, source: Source, rtt: float, blocks: int, now: float = 0.0) -> float:
+    """ACK each block `rtt` after it was sent, `blocks` times; returns the time of the last ACK."""
+    top = 1
+    for _ in range(blocks):
+        now += rtt
+        out = event(engine, source, ack(top), now)
+        assert data_blocks(out) == [top + 1]
+        top += 1
+    return now
+
+
+def test_timeout_is_learnt_from_round_trips() -> None:
+    """Steady 2 ms round trips: the timeout falls from --timeout (1 s) to SRTT + 10 ms."""
+    engine = make_engine(blksize=8, limits=Limits(timeout=1.0))
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    assert engine.deadline == 1.0
+    now = lockstep_acks(engine, source, 0.002, 50)
+    assert engine.deadline == pytest.approx(now + 0.002 + engine_module.MIN_RTO, abs=5e-4)
+    # A loss now costs about 12 ms, not a second.
+    assert data_blocks(engine.timer(engine.deadline)) == [51]
+
+
+def test_learnt_timeout_never_exceeds_the_operator_timeout() -> None:
+    engine = make_engine(blksize=8, timeout=0.5, limits=Limits(timeout=0.5))
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    now = lockstep_acks(engine, source, 0.6, 20)  # slow and steady round trips
+    assert engine.deadline == pytest.approx(now + 0.5)
+
+
+def test_karn_no_sample_from_a_retransmitted_block() -> None:
+    """An ACK after a resend could answer either copy: it teaches nothing (Karn's rule)."""
+    engine = make_engine(blksize=8)
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    now = lockstep_acks(engine, source, 0.002, 30)
+    learnt = engine.deadline - now
+    resend_at = engine.deadline
+    assert data_blocks(engine.timer(resend_at)) == [31]
+    # The ACK comes 3 s after the first copy went: were it a sample, the timeout would grow.
+    out = event(engine, source, ack(31), resend_at + 2.99)
+    assert data_blocks(out) == [32]
+    assert engine.deadline - (resend_at + 2.99) == pytest.approx(learnt, abs=1e-3)
+
+
+def test_progress_after_backoff_brings_the_learnt_timeout_back() -> None:
+    engine = make_engine(blksize=8)
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    now = lockstep_acks(engine, source, 0.002, 30)
+    learnt = engine.deadline - now
+    for _ in range(4):  # four timeouts in a row: 12, 24, 48, 96 ms
+        now = engine.deadline
+        engine.timer(now)
+    assert engine.deadline - now == pytest.approx(learnt * 16, rel=0.01)
+    event(engine, source, ack(31), now + 0.001)
+    assert engine.deadline - (now + 0.001) == pytest.approx(learnt, abs=1e-3)
+
+
+def test_a_client_timeout_is_obeyed_as_it_is() -> None:
+    """RFC 2349: the client's timeout is the retransmission interval: no learning, no doubling."""
+    oack = {"timeout": "2"}
+    engine = make_engine(blksize=8, timeout=2.0, oack=oack, limits=Limits(give_up=9.0))
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    event(engine, source, ack(0), 0.001)
+    now = lockstep_acks(engine, source, 0.001, 30, 0.001)
+    assert engine.deadline == pytest.approx(now + 2.0)
+    fired = fire_until_done(engine)
+    assert [round(t - now, 6) for t, _ in fired] == [2.0, 4.0, 6.0, 8.0, 9.0]
+    assert [count for _, count in fired] == [1, 1, 1, 1, 0]
+
+
+# -- after a timeout: the oldest block alone ----------------------------------------------------
+
+
+def test_timeout_resends_the_oldest_block_until_the_client_answers() -> None:
+    engine = make_engine(blksize=8, windowsize=8)
+    source = Source(pattern(1000))
+    assert data_blocks(begin(engine, source)) == list(range(1, 9))
+    assert data_blocks(engine.timer(1.0)) == [1]
+    assert data_blocks(engine.timer(3.0)) == [1]
+    # The client had blocks 1 to 5 (say): its ACK restarts the window from 6.
+    assert data_blocks(event(engine, source, ack(5), 3.5)) == list(range(6, 14))
+
+
+def test_peer_that_stops_after_the_oack_costs_a_bounded_amount() -> None:
+    """64 x 65464 asked, the OACK acknowledged once, then silence: the figure in docs/architecture.md."""
+    oack = {"blksize": "65464", "windowsize": "16"}  # what negotiate() grants under 1 MiB in flight
+    limits = Limits()
+    engine = make_engine(blksize=65464, windowsize=16, oack=oack, limits=limits)
+    source = Source(pattern(32 << 20))
+    sent = sum(map(len, begin(engine, source)))
+    sent += sum(map(len, event(engine, source, ack(0), 0.001)))
+    resends = 0
+    while engine.outcome is None:
+        now = engine.deadline
+        out = engine.timer(now)
+        resends += len(out)
+        sent += sum(map(len, out))
+    assert engine.outcome == Outcome.TIMEOUT and now == pytest.approx(0.001 + limits.give_up)
+    # The first window (16 blocks), then one block per timeout: 11 ms (1 ms learnt + 10 ms)
+    # doubling to 8 s, then every 8 s until the give-up time (30 s): 12 resends, 1.83 MB (was 6.28).
+    assert resends == 12
+    assert sent == 16 * 65468 + 12 * 65468 + len(packets.encode_oack(oack))
+    assert sent < 1.9e6
+
+
+# -- nothing read before ACK 0 --------------------------------------------------------------------
+
+
+def test_nothing_is_read_while_the_oack_is_outstanding() -> None:
+    """1,000 RRQs for 64 x 65464 that never ACK: no window is read or cut into datagrams."""
+    oack = {"blksize": "65464", "windowsize": "16"}
+    engines = [make_engine(blksize=65464, windowsize=16, oack=oack) for _ in range(1000)]
+    for engine in engines:
+        assert engine.start(0.0) == [packets.encode_oack(oack)]
+        assert engine.need == 0
+        assert engine.timer(engine.deadline) == [packets.encode_oack(oack)]
+        assert engine.need == 0
+    engine = engines[0]
+    source = Source(pattern(3 << 20))
+    out = event(engine, source, ack(0), 2.0)
+    assert data_blocks(out) == list(range(1, 17))
+
+
+# -- give-up ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("give_up", [1.0, 2.0, 5.0, 30.0])
+def test_give_up_means_what_it_says(give_up: float) -> None:
+    """No progress for give_up seconds: the transfer ends then, not at the next backed-off timeout."""
+    engine = make_engine(blksize=8, limits=Limits(timeout=1.0, give_up=give_up))
+    source = Source(pattern(1000))
+    begin(engine, source)
+    event(engine, source, ack(1), 0.5)
+    fired = fire_until_done(engine)
+    assert fired[-1] == (0.5 + give_up, 0)
+    assert all(t <= 0.5 + give_up for t, _ in fired)
+
+
+def test_give_up_shorter_than_a_client_timeout_is_kept() -> None:
+    engine = make_engine(blksize=8, timeout=10.0, oack={"timeout": "10"}, limits=Limits(give_up=5.0))
+    begin(engine, Source(pattern(1000)))
+    assert fire_until_done(engine) == [(5.0, 0)]
+
+
+# -- gap reports (RFC 7440) and the Sorcerer's Apprentice ---------------------------------------
+
+
+def windowed_after_oack(rtt: float = 0.002) -> Tuple[ReadTransfer, Source]:
+    """Window 4 of 8-byte blocks; the OACK was acknowledged after `rtt`, and window 1..4 sent then."""
+    oack = {"blksize": "8", "windowsize": "4"}
+    engine = make_engine(blksize=8, windowsize=4, oack=oack)
+    source = Source(pattern(1000))
+    begin(engine, source)
+    assert data_blocks(event(engine, source, ack(0), rtt)) == [1, 2, 3, 4]
+    return engine, source
+
+
+def test_repeated_ack_of_the_previous_window_resends_the_window_once() -> None:
+    engine, source = windowed_after_oack()
+    # Block 1 was lost, 2 arrived: the client ACKs 0 again, one round trip later. Resend from 1.
+    assert data_blocks(event(engine, source, ack(0), 0.004)) == [1, 2, 3, 4]
+    assert engine.retransmits == 4
+    assert event(engine, source, ack(0), 0.0045) == []  # once per window
+    assert event(engine, source, ack(0), 0.006) == []
+    assert data_blocks(event(engine, source, ack(4), 0.006)) == [5, 6, 7, 8]
+    # The window after such a resend: a repeat of ACK 4 is the client answering our duplicates.
+    assert event(engine, source, ack(4), 0.0085) == []
+    assert data_blocks(event(engine, source, ack(8), 0.009)) == [9, 10, 11, 12]
+    assert event(engine, source, ack(8), 0.0095) == []  # sooner than any round trip: an echo
+    assert data_blocks(event(engine, source, ack(8), 0.0115)) == [9, 10, 11, 12]
+    assert engine.retransmits == 8
+
+
+def test_repeated_ack_in_lockstep_never_resends() -> None:
+    """Lock-step: a repeat of the last ACK is an echo (the Sorcerer's Apprentice), never a report."""
+    oack = {"blksize": "8"}
+    engine = make_engine(blksize=8, oack=oack)
+    source = Source(pattern(1000))
+    begin(engine, source)
+    now = 0.002
+    event(engine, source, ack(0), now)
+    for block in range(1, 50):
+        now += 0.002
+        assert data_blocks(event(engine, source, ack(block), now)) == [block + 1]
+        for late in (0.001, 0.003, 0.5):
+            assert event(engine, source, ack(block), now + late) == []
+    assert engine.retransmits == 0
+
+
+@pytest.mark.parametrize("windowsize", [1, 4, 16])
+def test_every_datagram_doubled_and_late_is_no_storm(windowsize: int) -> None:
+    """Each datagram arrives twice, the copy up to a round trip late: the client re-ACKs every
+    duplicate DATA, and those ACKs are duplicated too. Not one block is resent (a Sorcerer's
+    Apprentice storm would double every window from the first echo on)."""
+    source = os.urandom(64 * 400)
+    oack = {"blksize": "64", "windowsize": str(windowsize)}
+    engine = make_engine(blksize=64, windowsize=windowsize, oack=oack)
+    run = Harness(engine, source, oack=packets.encode_oack(oack), duplicate=1.0, seed=windowsize)
+    assert run.run() == Outcome.COMPLETE
+    assert bytes(run.client.data) == source
+    assert engine.duplicate_acks > 800
+    assert engine.retransmits == 0
+
+
+def test_gap_reports_spare_timeouts_under_loss() -> None:
+    """5% loss, window 8: answering gap reports needs fewer timeouts than waiting for the timer."""
+    source = os.urandom(64 * 3000)
+    oack = {"blksize": "64", "windowsize": "8"}
+    engine = make_engine(blksize=64, windowsize=8, oack=oack, limits=Limits(give_up=1000.0))
+    run = Harness(engine, source, oack=packets.encode_oack(oack), loss=0.05, reorder=0.3, seed=1)
+    assert run.run() == Outcome.COMPLETE
+    assert bytes(run.client.data) == source
+    with_reports = run.now
+    assert engine.retransmits > 0
+    silent = make_engine(blksize=64, windowsize=8, oack=oack, limits=Limits(give_up=1000.0))
+    silent._min_rtt = float("nan")  # every comparison with it is false: no gap report ever counts
+    run = Harness(silent, source, oack=packets.encode_oack(oack), loss=0.05, reorder=0.3, seed=1)
+    assert run.run() == Outcome.COMPLETE
+    assert with_reports < run.now * 0.9

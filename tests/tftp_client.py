@@ -7,6 +7,7 @@ timeout and each transfer a wall-clock deadline.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 import time
@@ -23,10 +24,12 @@ def family_of(host: str) -> socket.AddressFamily:
 
 
 def udp_socket(host: str, rcvbuf: int = 4 << 20) -> socket.socket:
-    """A UDP socket bound to an ephemeral port on the loopback address matching `host`."""
+    """A UDP socket on an ephemeral port: on `host` itself when it is a loopback address (the
+    server's), else on the wildcard address (a server elsewhere: inside a network namespace)."""
     sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((host, 0))
+    local = host if ipaddress.ip_address(host.split("%", 1)[0]).is_loopback else ("::" if ":" in host else "0.0.0.0")
+    sock.bind((local, 0))
     return sock
 
 
@@ -168,3 +171,39 @@ def get(
                 sock.sendto(last_sent, peer)
     result.data = b"".join(chunks)
     return result
+
+
+def main(argv: Optional[list] = None) -> int:
+    """`python tests/tftp_client.py HOST PORT NAME [--option NAME=VALUE]... [--timeout S]`: one download,
+    then one JSON line on stdout: complete, error, bytes, sha256, seconds. For running a client where
+    the test process cannot be (inside a network namespace: `ip netns exec NS python ...`)."""
+    import argparse
+    import hashlib
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("name")
+    parser.add_argument("--option", action="append", default=[], help="NAME=VALUE, sent in the RRQ")
+    parser.add_argument("--timeout", type=float, default=1.0, help="our own retransmission timeout")
+    parser.add_argument("--retries", type=int, default=20)
+    parser.add_argument("--deadline", type=float, default=120.0)
+    parser.add_argument("--out", help="write the file here too")
+    args = parser.parse_args(argv)
+    options = dict(option.split("=", 1) for option in args.option)
+    started = time.monotonic()
+    result = get(args.host, args.port, args.name.encode(), options or None, timeout=args.timeout,
+                 retries=args.retries, deadline=args.deadline)
+    seconds = time.monotonic() - started
+    if args.out:
+        with open(args.out, "wb") as out:
+            out.write(result.data)
+    print(json.dumps({"complete": result.complete, "error": result.error, "bytes": len(result.data),
+                      "sha256": hashlib.sha256(result.data).hexdigest(), "seconds": seconds,
+                      "notes": result.notes}))
+    return 0 if result.complete else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

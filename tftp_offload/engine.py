@@ -244,17 +244,19 @@ class ReadTransfer:
             self.outcome = Outcome.TIMEOUT
             self.need = 0
             return NOTHING
-        out = NOTHING
-        if self._sent > self._acked:
-            # The oldest unacknowledged block alone: the client's answer (an ACK of what it has)
-            # restarts go-back-N; a peer that stopped gets one block per timeout, no more.
-            out = self._packets[:1]
-            self.retransmits += 1
-            self._timed = -1  # Karn: an ACK now could answer either copy
-            self._quiet = self._sent  # a client that had the block re-ACKs what it has: an echo
-            self._rto = min(self._rto * 2, self._rto_cap)
+        if self._sent == self._acked:
+            # Nothing out: the reader is slow. Only the give-up time matters until data() sends
+            # (and arms the timer again, earlier).
+            self.deadline = self._progress_at + self._give_up
+            return NOTHING
+        # The oldest unacknowledged block alone: the client's answer (an ACK of what it has)
+        # restarts go-back-N; a peer that stopped gets one block per timeout, no more.
+        self.retransmits += 1
+        self._timed = -1  # Karn: an ACK now could answer either copy
+        self._quiet = self._sent  # a client that had the block re-ACKs what it has: an echo
+        self._rto = min(self._rto * 2, self._rto_cap)
         self._arm(now)
-        return out
+        return self._packets[:1]
 
     def abort(self, message: str, code: int = ErrorCode.NOT_DEFINED) -> List[bytes]:
         """End the transfer from our side (shutdown, reader failure); returns the ERROR to send."""

@@ -389,10 +389,14 @@ class Session(DatagramProtocol):
         if engine.outcome is not None:
             self._end(engine.outcome)
         elif engine.deadline < self._armed:
-            # Rare (an ACK after a backed-off timeout, a shorter learnt timeout): the timer would
-            # fire late. Usually the deadline moves later and the timer, firing early, follows it.
-            self._timer.cancel()  # type: ignore[union-attr]
-            self._arm(now)
+            self._rearm(now)
+
+    def _rearm(self, now: float) -> None:
+        """The deadline moved earlier than the timer (rare: an ACK after a backed-off timeout, a
+        shorter learnt timeout, data after a slow read); usually it moves later, and the timer,
+        firing early, follows it."""
+        self._timer.cancel()  # type: ignore[union-attr]
+        self._arm(now)
 
     def _arm(self, now: float) -> None:
         """Set the transfer's one timer for the engine's deadline (cancel and callLater: moving a
@@ -439,6 +443,8 @@ class Session(DatagramProtocol):
             now = self.server.reactor.seconds()
             if self._feed(chunk, now):
                 self._pump(now)
+            if self.outcome is None and self.engine.deadline < self._armed:
+                self._rearm(now)
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = False
