@@ -107,7 +107,8 @@ def get(
     """Download `filename`; honours blksize/windowsize from the OACK; after block 65535 expects
     block `rollover` (0 or 1).
 
-    ACKs every `windowsize`-th block and the last; on a gap ACKs the last in-order block (RFC 7440).
+    ACKs every `windowsize`-th block since its last ACK, and the last block; on a gap ACKs the last
+    in-order block (RFC 7440), and the window then counts from there, as the server's go-back-N does.
     """
     result = Result()
     blksize, windowsize = 512, 1
@@ -115,6 +116,7 @@ def get(
     chunks = []
     received = 0  # blocks received in order (wide counter)
     gap_acked = -1
+    since_ack = 0  # in-order blocks received since our last ACK
     with udp_socket(host) as sock:
         last_sent = rrq(filename, mode, options)
         sock.sendto(last_sent, (host, port))
@@ -157,7 +159,9 @@ def get(
                 payload = datagram[4:]
                 chunks.append(payload)
                 last = len(payload) < blksize
-                if last or received % windowsize == 0:
+                since_ack += 1
+                if last or since_ack >= windowsize:
+                    since_ack = 0
                     last_sent = ack(wire_block(received, rollover))
                     sock.sendto(last_sent, peer)
                 if last:
@@ -167,6 +171,7 @@ def get(
                 # A retransmission of the last block we have (our ACK was lost), or a gap: say where
                 # we are, once per position (a duplicate ACK must not be needed for progress).
                 gap_acked = received
+                since_ack = 0
                 last_sent = ack(wire_block(received, rollover))
                 sock.sendto(last_sent, peer)
     result.data = b"".join(chunks)

@@ -126,6 +126,7 @@ class ReadTransfer:
         "_timed_at",
         "_window_at",
         "_quiet",
+        "_stalls",
         "_probe",
         "_give_up",
         "_progress_at",
@@ -170,6 +171,8 @@ class ReadTransfer:
         self._timed_at = 0.0
         self._window_at = 0.0
         self._quiet = -1
+        self._stalls = 0
+        """Timeouts in a row without progress."""
         """Duplicate ACKs of blocks up to this may be echoes of our own resend: no gap report."""
         self._progress_at = 0.0
         self._rollover = limits.rollover
@@ -250,13 +253,17 @@ class ReadTransfer:
             self.deadline = self._progress_at + self._give_up
             return NOTHING
         # The oldest unacknowledged block alone: the client's answer (an ACK of what it has)
-        # restarts go-back-N; a peer that stopped gets one block per timeout, no more.
-        self.retransmits += 1
+        # restarts go-back-N, and a peer that stopped gets one block per timeout. Once per
+        # stall, at the second timeout, the whole window: a client that ACKs a position only
+        # once ignores a duplicate of an old block, and needs the block after its own.
+        self._stalls += 1
+        out = self._packets[: self._sent - self._acked] if self._stalls == 2 else self._packets[:1]
+        self.retransmits += len(out)
         self._timed = -1  # Karn: an ACK now could answer either copy
         self._quiet = self._sent  # a client that had the block re-ACKs what it has: an echo
         self._rto = min(self._rto * 2, self._rto_cap)
         self._arm(now)
-        return self._packets[:1]
+        return out
 
     def abort(self, message: str, code: int = ErrorCode.NOT_DEFINED) -> List[bytes]:
         """End the transfer from our side (shutdown, reader failure); returns the ERROR to send."""
@@ -302,6 +309,7 @@ class ReadTransfer:
         del self._packets[: block - self._acked]
         self._acked = block
         self._progress_at = now
+        self._stalls = 0
         if block >= self._timed >= 0:
             self._sample(now - self._timed_at)
         self._rto = self._rto_base
