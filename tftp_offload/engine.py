@@ -161,7 +161,7 @@ class ReadTransfer:
         # A client's timeout is obeyed as it is (RFC 2349); otherwise the round trips teach it.
         self._adaptive = "timeout" not in options
         self._give_up = limits.give_up
-        self._rto_ceiling = negotiated.timeout
+        self._rto_ceiling = min(negotiated.timeout, self._give_up)
         self._rto_cap = max(MAX_BACKOFF, negotiated.timeout) if self._adaptive else negotiated.timeout
         self._rto_base = self._rto = min(negotiated.timeout, self._give_up)
         self._srtt = -1.0  # no sample yet
@@ -217,7 +217,11 @@ class ReadTransfer:
             self._last_len = len(tail)
             block += 1
         self._next = block
+        idle = self._sent == self._acked
         out = self._send_new(now)
+        if idle and out:
+            self._window_at = now
+            self._arm(now)  # the line was idle: time from this send
         self._update_need()
         return out
 
@@ -321,9 +325,9 @@ class ReadTransfer:
             self.retransmits += self._sent - block
             self._sent = block
             self._timed = -1
+        self.deadline = now + self._rto  # _rto <= give_up: within the give-up time
+        self._window_at = now
         out = self._send_new(now)
-        if not out:
-            self.deadline = now + self._rto  # _rto <= give_up: within the give-up time
         self._update_need()
         return out
 
@@ -357,22 +361,27 @@ class ReadTransfer:
         return out
 
     def _sample(self, rtt: float) -> None:
-        """A round trip of a block sent once (RFC 6298, section 2)."""
+        """A round trip of a block sent once (RFC 6298, section 2); on the lock-step hot path."""
         self._timed = -1
         if rtt < self._min_rtt:
             self._min_rtt = rtt
         if not self._adaptive:
             return
-        if self._srtt < 0:
-            self._srtt = rtt
-            self._rttvar = rtt / 2
+        srtt = self._srtt
+        if srtt < 0:
+            srtt = rtt
+            rttvar = rtt / 2
         else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
-            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+            diff = srtt - rtt
+            rttvar = 0.75 * self._rttvar + 0.25 * (diff if diff > 0 else -diff)
+            srtt -= 0.125 * diff
+        self._srtt = srtt
+        self._rttvar = rttvar
         # RFC 6298's RTO = SRTT + max(G, 4 * RTTVAR), with MIN_RTO as G: a steady round trip
         # (RTTVAR near 0) still leaves that much margin, so the ACK beats the timer.
-        rto = self._srtt + max(MIN_RTO, 4 * self._rttvar)
-        self._rto_base = min(rto, self._rto_ceiling, self._give_up)
+        margin = 4 * rttvar
+        rto = srtt + (margin if margin > MIN_RTO else MIN_RTO)
+        self._rto_base = rto if rto < self._rto_ceiling else self._rto_ceiling
 
     def _arm(self, now: float) -> None:
         """Next deadline: one timeout from now, but never past the give-up time."""
@@ -385,9 +394,6 @@ class ReadTransfer:
         if limit <= self._sent or self._acked < 0:  # nothing new, or the OACK is not yet ACKed
             return NOTHING
         start = self._sent - self._acked
-        if not start:
-            self._window_at = now
-            self._arm(now)  # the line was idle: time from this send
         if limit > self._top:
             self._top = limit
             if self._timed < 0:
