@@ -1046,3 +1046,111 @@ def test_gap_reports_spare_timeouts_under_loss() -> None:
     run = Harness(silent, source, oack=packets.encode_oack(oack), loss=0.05, reorder=0.3, seed=1)
     assert run.run() == Outcome.COMPLETE
     assert with_reports < run.now * 0.9
+
+
+# -- properties: whatever arrives, whenever --------------------------------------------------------
+
+anything = st.lists(
+    st.one_of(
+        st.tuples(st.just("ack"), st.integers(0, 65535)),  # any number at all
+        st.tuples(st.just("ack-next"), st.integers(0, 70)),  # one the engine may count as progress
+        st.tuples(st.just("datagram"), st.binary(max_size=12)),  # junk, errors, truncated, oversized
+        st.tuples(st.just("timer"), st.integers(0, 3000)),  # ms later; fired at any time, early or late
+    ),
+    max_size=120,
+)
+
+
+@QUICK
+@given(
+    size=st.integers(0, 5000),
+    blksize=st.sampled_from([8, 64, 512]),
+    windowsize=st.sampled_from([1, 2, 8, 64]),
+    options=st.sampled_from([None, {"tsize": "0"}, {"timeout": "2"}, {"blksize": "x"}]),
+    give_up=st.sampled_from([0.5, 2.0, 10.0]),
+    script=anything,
+)
+def test_anything_at_any_time(
+    size: int,
+    blksize: int,
+    windowsize: int,
+    options: Optional[Dict[str, str]],
+    give_up: float,
+    script: List[Tuple[str, object]],
+) -> None:
+    """No exception; never a block beyond the file; what a client taking DATA in order gets is the
+    file's prefix; the deadline never passes the give-up time, and a timer at or after it ends the
+    transfer; after the script, silence ends it within the give-up time of the last progress."""
+    source = pattern(size)
+    oack = dict(options) if options else None
+    if oack is not None and "tsize" in oack:
+        oack["tsize"] = str(size)
+    if oack is not None and "blksize" in oack:
+        oack = {"blksize": str(blksize)}
+    timeout = 2.0 if oack and "timeout" in oack else 0.5
+    limits = Limits(timeout=0.5, give_up=max(give_up, 0.5))
+    engine = make_engine(blksize=blksize, windowsize=windowsize, timeout=timeout, oack=oack, limits=limits)
+    monitor = Monitor(source, blksize, windowsize, 0, packets.encode_oack(oack) if oack else None)
+    reader = Source(source)
+    delivered = bytearray()
+    expected = 1
+    now = 0.0
+    progress_at = 0.0
+    last_bytes = 0
+
+    def emit(out: List[bytes]) -> None:
+        nonlocal expected
+        for datagram in out:
+            monitor.sent(datagram)  # well-formed, inside the window, the right bytes, not past the end
+            if datagram[1] == packets.Opcode.DATA and int.from_bytes(datagram[2:4], "big") == expected & 0xFFFF:
+                delivered.extend(datagram[4:])
+                expected += 1
+
+    def feed() -> None:
+        while engine.need > 0:
+            emit(engine.data(reader.read(engine.need), now))
+
+    emit(engine.start(now))
+    feed()
+    for kind, value in script:
+        if engine.outcome is not None:
+            break
+        acked_before = engine._acked
+        if kind == "ack":
+            monitor.ack_delivered(int(value))  # type: ignore[call-overload]
+            emit(engine.datagram(ack(int(value)), now))  # type: ignore[call-overload]
+        elif kind == "ack-next":
+            number = max(monitor.acked, 0) + int(value)  # type: ignore[call-overload]
+            monitor.ack_delivered(number & 0xFFFF)
+            emit(engine.datagram(ack(number & 0xFFFF), now))
+        elif kind == "datagram":
+            datagram = bytes(value)  # type: ignore[call-overload]
+            if len(datagram) == 4 and datagram[:2] == b"\0\4":
+                monitor.ack_delivered(int.from_bytes(datagram[2:], "big"))
+            emit(engine.datagram(datagram, now))
+        else:
+            now += int(value) / 1000  # type: ignore[call-overload]
+            ended_by_time = now - progress_at >= limits.give_up
+            emit(engine.timer(now))
+            if ended_by_time:  # the deadline was never later than this: the timer was not early
+                assert engine.outcome == Outcome.TIMEOUT
+        feed()
+        if engine._acked > acked_before:
+            progress_at = now
+        if engine.outcome is None:
+            assert engine.deadline <= progress_at + limits.give_up + 1e-9
+        assert last_bytes <= engine.bytes_acked <= size
+        last_bytes = engine.bytes_acked
+        assert bytes(delivered) == source[: len(delivered)]
+    if engine.outcome is None:  # silence: the timer fired at each deadline, on time
+        fired = 0
+        while engine.outcome is None:
+            assert engine.deadline <= progress_at + limits.give_up + 1e-9
+            now = max(now, engine.deadline)
+            emit(engine.timer(now))
+            fired += 1
+            assert fired < 100
+        assert engine.outcome == Outcome.TIMEOUT
+        assert now <= progress_at + limits.give_up + 1e-9  # within the give-up time, not a timeout later
+    if engine.outcome == Outcome.COMPLETE:
+        assert engine.bytes_acked == size
