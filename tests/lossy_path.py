@@ -117,6 +117,17 @@ table inet {self._table} {{
             total += sum(int(words[i + 1]) for i, word in enumerate(words) if word == "packets")
         return total
 
+    def buffer_drops(self) -> int:
+        """UDP datagrams the kernel dropped for a full receive buffer, in both namespaces, so far
+        (loss too, but the host's, not the path's: a benchmark should see none)."""
+        total = 0
+        for ns in (self.server, self.client):
+            out = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout
+            names, values = [line.split() for line in out.splitlines() if line.startswith("Udp:")][:2]
+            total += int(values[names.index("RcvbufErrors")])
+        return total
+
     def in_server(self, cmd: Sequence[str]) -> List[str]:
         return ["ip", "netns", "exec", self.server, *cmd]
 
