@@ -78,7 +78,7 @@ def make_engine(
     the read-ahead has tests of its own.
     """
     terms = Negotiated(blksize, windowsize, timeout, dict(oack or {}))
-    return ReadTransfer(terms, limits or Limits(), packets.encode_oack(oack) if oack else None, read_ahead)
+    return ReadTransfer(terms, limits or Limits(), read_ahead)
 
 
 def data_blocks(datagrams: List[bytes]) -> List[int]:

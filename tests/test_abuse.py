@@ -230,7 +230,5 @@ def test_unacked_big_windows_do_not_run_up_memory(twistd_factory: StartServer, a
         drain_replies(socks)
         peak = max(peak, rss_mb(server.pid))
     print(f"1,000 unACKed 64 x 65464 requests: RSS idle {idle:.1f} MB, peak {peak:.1f} MB")
-    if peak >= RSS_LIMIT_MB:
-        pytest.xfail(f"RSS {peak:.0f} MB: needs the engine fix that reads nothing beyond the OACK "
-                     "until ACK 0 (issue 13 item 2, the engine branch)")
+    assert peak < RSS_LIMIT_MB, f"RSS {peak:.0f} MB: the first window must not be read before ACK 0"
     server.assert_healthy()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from hypothesis import given
@@ -420,8 +421,8 @@ def test_timer_resends_with_exponential_backoff_and_gives_up() -> None:
     source = Source(pattern(100))
     first = begin(engine, source)
     resends = fire_until_done(engine)
-    # resends after 1, 2, 4, 8 (the cap), 8 seconds; the next deadline is 31 >= give_up
-    assert resends == [(1.0, 1), (3.0, 1), (7.0, 1), (15.0, 1), (23.0, 1), (31.0, 0)]
+    # resends after 1, 2, 4, 8 (the cap), 8 seconds; the next would be at 31: it ends at 30 (give_up)
+    assert resends == [(1.0, 1), (3.0, 1), (7.0, 1), (15.0, 1), (23.0, 1), (30.0, 0)]
     assert engine.outcome == Outcome.TIMEOUT
     assert engine.retransmits == 5
     assert engine.need == 0
@@ -436,8 +437,10 @@ def test_timer_resends_exactly_the_outstanding_window() -> None:
     event(engine, source, ack(2), 0.5)
     assert engine.deadline == 1.5
     out = engine.timer(1.5)
-    assert data_blocks(out) == [3, 4, 5, 6]
-    assert engine.retransmits == 2 + 4  # blocks 3 and 4 again at the partial ACK, then the window
+    assert data_blocks(out) == [3]  # the oldest unacknowledged block alone
+    assert engine.retransmits == 2 + 1  # blocks 3 and 4 again at the partial ACK, then block 3
+    # The client's answer (it had 3 and 4, say) restarts go-back-N from the block after it.
+    assert data_blocks(engine.datagram(ack(4), 1.6)) == [5, 6]
 
 
 def test_backoff_cap_is_the_negotiated_timeout_when_larger() -> None:
@@ -445,7 +448,7 @@ def test_backoff_cap_is_the_negotiated_timeout_when_larger() -> None:
     engine = make_engine(blksize=8, timeout=10.0, limits=Limits(give_up=45.0))
     begin(engine, Source(pattern(100)))
     fired = fire_until_done(engine)
-    assert fired == [(10.0, 1), (20.0, 1), (30.0, 1), (40.0, 1), (50.0, 0)]
+    assert fired == [(10.0, 1), (20.0, 1), (30.0, 1), (40.0, 1), (45.0, 0)]  # ends at give_up
 
 
 def test_backoff_cap_is_max_backoff_for_short_timeouts() -> None:
@@ -485,22 +488,23 @@ def test_timer_while_waiting_for_the_reader_sends_nothing() -> None:
     engine.start(0.0)
     assert engine.need == 8  # the driver is reading; the reader is slow
     assert engine.timer(1.0) == []
-    assert engine.deadline == 2.0  # not backed off: nothing was resent
+    assert engine.deadline == 5.0  # nothing was resent, nothing backed off: only give-up is left
     engine.data(b"12345678", 1.5)
     assert engine.deadline == 2.5  # the line was idle: the timeout counts from this send
-    assert fire_until_done(engine) == [(2.5, 1), (4.5, 1), (8.5, 0)]  # give-up counts from start
+    assert fire_until_done(engine) == [(2.5, 1), (4.5, 1), (5.0, 0)]  # give-up counts from start
 
 
 @pytest.mark.parametrize("windowsize", [1, 16, 64])
 def test_silent_peer_costs_bounded_work(windowsize: int) -> None:
-    """A peer that never ACKs (a spoofed RRQ) gets the first window and a few resends of it."""
+    """A peer that never ACKs (a spoofed RRQ) gets the first window, the window once more (the second
+    timeout), and otherwise a few resends of its first block."""
     limits = Limits(give_up=30.0)
     engine = make_engine(blksize=512, windowsize=windowsize, limits=limits)
     sent = len(begin(engine, Source(pattern(10 << 20))))
     fired = fire_until_done(engine)
     sent += sum(count for _, count in fired)
     assert engine.outcome == Outcome.TIMEOUT
-    assert sent == windowsize * 6
+    assert sent == 2 * windowsize + 4
     assert len(fired) <= limits.give_up / limits.timeout + 2
 
 
@@ -521,13 +525,25 @@ def test_client_error_ends_silently() -> None:
     assert engine.data(b"x" * 8, 0.4) == []
 
 
-def test_uefi_tsize_probe_ends_with_client_error() -> None:
+def test_uefi_tsize_probe_ends_as_a_probe() -> None:
     oack = {"tsize": "100"}
     engine = make_engine(blksize=512, oack=oack)
     assert begin(engine, Source(pattern(100))) == [packets.encode_oack(oack)]
     assert engine.datagram(encode_error(ErrorCode.OPTION_REFUSED, "tsize only"), 0.01) == []
-    assert engine.outcome == Outcome.CLIENT_ERROR
+    assert engine.outcome == Outcome.PROBE == "probe"
     assert engine.client_error == "8: tsize only"
+
+
+@pytest.mark.parametrize("oack", [{"blksize": "512"}, {"tsize": "100"}])
+def test_error_is_a_client_error_unless_it_answers_a_tsize_oack(oack: Dict[str, str]) -> None:
+    """Only an ERROR to an OACK with tsize, before ACK 0, is a probe; after ACK 0 it is a client error."""
+    engine = make_engine(blksize=512, oack=oack)
+    source = Source(pattern(1000))
+    begin(engine, source)
+    if "tsize" in oack:
+        event(engine, source, ack(0), 0.01)
+    engine.datagram(encode_error(ErrorCode.NOT_DEFINED, "gone"), 0.02)
+    assert engine.outcome == Outcome.CLIENT_ERROR
 
 
 @pytest.mark.parametrize(
@@ -565,7 +581,7 @@ def test_abort() -> None:
     engine.datagram(ack(4), 0.1)
     assert engine.need > 0
     out = engine.abort("shutting down", ErrorCode.NOT_DEFINED)
-    assert packets.decode(out) == packets.Error(0, "shutting down")
+    assert [packets.decode(d) for d in out] == [packets.Error(0, "shutting down")]
     assert engine.outcome == Outcome.ABORTED and engine.need == 0
     assert engine.datagram(ack(8), 0.2) == [] and engine.timer(50.0) == []
     assert engine.data(source.read(32), 0.3) == []
@@ -576,9 +592,9 @@ def test_abort_after_the_end_keeps_the_outcome() -> None:
     begin(engine, Source(b"abc"))
     engine.datagram(ack(1), 0.1)
     assert engine.outcome == Outcome.COMPLETE
-    assert packets.decode(engine.abort("reader failed", ErrorCode.ACCESS_VIOLATION)) == packets.Error(
-        2, "reader failed"
-    )
+    assert [packets.decode(d) for d in engine.abort("reader failed", ErrorCode.ACCESS_VIOLATION)] == [
+        packets.Error(2, "reader failed")
+    ]
     assert engine.outcome == Outcome.COMPLETE
 
 
@@ -606,6 +622,7 @@ events = st.lists(
 )
 
 GARBAGE = [b"", b"\x00\x04\x00", b"\x00\x03\x00\x01x", b"\xff\xff\xff\xff"]
+FIRES_FROM_THE_FLOOR = math.log2(MAX_BACKOFF / engine_module.MIN_RTO) + 1
 
 
 @QUICK
@@ -703,7 +720,8 @@ def test_random_events_keep_the_invariants(
         fired = 0
         while engine.outcome is None:
             fired += 1
-            assert fired <= limits.give_up / timeout + 2
+            # A learnt timeout starts as low as MIN_RTO: doublings up to MAX_BACKOFF, then steady.
+            assert fired <= max(limits.give_up / timeout, FIRES_FROM_THE_FLOOR + limits.give_up / MAX_BACKOFF) + 2
             now = max(now, engine.deadline)
             out = engine.timer(now)
             emit(out)
@@ -793,3 +811,346 @@ def test_read_ahead_is_capped_in_bytes_and_not_added_to_large_windows() -> None:
     wide = make_engine(blksize=512, windowsize=64, read_ahead=engine_module.READ_AHEAD_BYTES)
     wide.start(0.0)
     assert wide.need == 64 * 512  # the window is already more than the read-ahead
+
+
+# -- the learnt timeout (RFC 6298) ------------------------------------------------------------
+
+
+def lockstep_acks(engine: ReadTransfer, source: Source, rtt: float, blocks: int, now: float = 0.0) -> float:
+    """ACK each block `rtt` after it was sent, `blocks` times; returns the time of the last ACK."""
+    top = 1
+    for _ in range(blocks):
+        now += rtt
+        out = event(engine, source, ack(top), now)
+        assert data_blocks(out) == [top + 1]
+        top += 1
+    return now
+
+
+def test_timeout_is_learnt_from_round_trips() -> None:
+    """Steady 2 ms round trips: the timeout falls from --timeout (1 s) to SRTT + 10 ms."""
+    engine = make_engine(blksize=8, limits=Limits(timeout=1.0))
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    assert engine.deadline == 1.0
+    now = lockstep_acks(engine, source, 0.002, 50)
+    assert engine.deadline == pytest.approx(now + 0.002 + engine_module.MIN_RTO, abs=5e-4)
+    # A loss now costs about 12 ms, not a second.
+    assert data_blocks(engine.timer(engine.deadline)) == [51]
+
+
+def test_learnt_timeout_never_exceeds_the_operator_timeout() -> None:
+    engine = make_engine(blksize=8, timeout=0.5, limits=Limits(timeout=0.5))
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    now = lockstep_acks(engine, source, 0.6, 20)  # slow and steady round trips
+    assert engine.deadline == pytest.approx(now + 0.5)
+
+
+def test_karn_no_sample_from_a_retransmitted_block() -> None:
+    """An ACK after a resend could answer either copy: it teaches nothing (Karn's rule)."""
+    engine = make_engine(blksize=8)
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    now = lockstep_acks(engine, source, 0.002, 30)
+    learnt = engine.deadline - now
+    resend_at = engine.deadline
+    assert data_blocks(engine.timer(resend_at)) == [31]
+    # The ACK comes 3 s after the first copy went: were it a sample, the timeout would grow.
+    out = event(engine, source, ack(31), resend_at + 2.99)
+    assert data_blocks(out) == [32]
+    assert engine.deadline - (resend_at + 2.99) == pytest.approx(learnt, abs=1e-3)
+
+
+def test_progress_after_backoff_brings_the_learnt_timeout_back() -> None:
+    engine = make_engine(blksize=8)
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    now = lockstep_acks(engine, source, 0.002, 30)
+    learnt = engine.deadline - now
+    for _ in range(4):  # four timeouts in a row: 12, 24, 48, 96 ms
+        now = engine.deadline
+        engine.timer(now)
+    assert engine.deadline - now == pytest.approx(learnt * 16, rel=0.01)
+    event(engine, source, ack(31), now + 0.001)
+    assert engine.deadline - (now + 0.001) == pytest.approx(learnt, abs=1e-3)
+
+
+def test_a_client_timeout_is_obeyed_as_it_is() -> None:
+    """RFC 2349: the client's timeout is the retransmission interval: no learning, no doubling."""
+    oack = {"timeout": "2"}
+    engine = make_engine(blksize=8, timeout=2.0, oack=oack, limits=Limits(give_up=9.0))
+    source = Source(pattern(10_000))
+    begin(engine, source)
+    event(engine, source, ack(0), 0.001)
+    now = lockstep_acks(engine, source, 0.001, 30, 0.001)
+    assert engine.deadline == pytest.approx(now + 2.0)
+    fired = fire_until_done(engine)
+    assert [round(t - now, 6) for t, _ in fired] == [2.0, 4.0, 6.0, 8.0, 9.0]
+    assert [count for _, count in fired] == [1, 1, 1, 1, 0]
+
+
+# -- after a timeout: the oldest block alone ----------------------------------------------------
+
+
+def test_timeout_resends_the_oldest_block_until_the_client_answers() -> None:
+    engine = make_engine(blksize=8, windowsize=8)
+    source = Source(pattern(1000))
+    assert data_blocks(begin(engine, source)) == list(range(1, 9))
+    assert data_blocks(engine.timer(1.0)) == [1]
+    # Once per stall, the second timeout resends the window: a client that ACKs each position once
+    # and lost that ACK ignores a duplicate of block 1, and needs the block after its own.
+    assert data_blocks(engine.timer(3.0)) == list(range(1, 9))
+    assert data_blocks(engine.timer(7.0)) == [1]
+    assert data_blocks(engine.timer(15.0)) == [1]
+    # The client had blocks 1 to 5 (say): its ACK restarts the window from 6.
+    assert data_blocks(event(engine, source, ack(5), 15.5)) == list(range(6, 14))
+    # and a new stall starts over: the oldest block first.
+    assert data_blocks(engine.timer(engine.deadline)) == [6]
+
+
+def test_peer_that_stops_after_the_oack_costs_a_bounded_amount() -> None:
+    """64 x 65464 asked, the OACK acknowledged once, then silence: the figure in docs/architecture.md."""
+    oack = {"blksize": "65464", "windowsize": "16"}  # what negotiate() grants under 1 MiB in flight
+    limits = Limits()
+    engine = make_engine(blksize=65464, windowsize=16, oack=oack, limits=limits)
+    source = Source(pattern(32 << 20))
+    sent = sum(map(len, begin(engine, source)))
+    sent += sum(map(len, event(engine, source, ack(0), 0.001)))
+    resends = 0
+    while engine.outcome is None:
+        now = engine.deadline
+        out = engine.timer(now)
+        resends += len(out)
+        sent += sum(map(len, out))
+    assert engine.outcome == Outcome.TIMEOUT and now == pytest.approx(0.001 + limits.give_up)
+    # The first window (16 blocks), the window again at the second timeout, and one block at each
+    # other: 11 ms (1 ms learnt + 10 ms) doubling to 8 s, then every 8 s until the give-up time
+    # (30 s): 12 timeouts, 43 blocks, 2.82 MB (was 6.28 MB).
+    assert resends == 16 + 11
+    assert sent == (16 + 16 + 11) * 65468 + len(packets.encode_oack(oack))
+    assert sent < 2.9e6
+
+
+# -- nothing read before ACK 0 --------------------------------------------------------------------
+
+
+def test_nothing_is_read_while_the_oack_is_outstanding() -> None:
+    """1,000 RRQs for 64 x 65464 that never ACK: no window is read or cut into datagrams."""
+    oack = {"blksize": "65464", "windowsize": "16"}
+    engines = [make_engine(blksize=65464, windowsize=16, oack=oack) for _ in range(1000)]
+    for engine in engines:
+        assert engine.start(0.0) == [packets.encode_oack(oack)]
+        assert engine.need == 0
+        assert engine.timer(engine.deadline) == [packets.encode_oack(oack)]
+        assert engine.need == 0
+    engine = engines[0]
+    source = Source(pattern(3 << 20))
+    out = event(engine, source, ack(0), 2.0)
+    assert data_blocks(out) == list(range(1, 17))
+
+
+# -- give-up ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("give_up", [1.0, 2.0, 5.0, 30.0])
+def test_give_up_means_what_it_says(give_up: float) -> None:
+    """No progress for give_up seconds: the transfer ends then, not at the next backed-off timeout."""
+    engine = make_engine(blksize=8, limits=Limits(timeout=1.0, give_up=give_up))
+    source = Source(pattern(1000))
+    begin(engine, source)
+    event(engine, source, ack(1), 0.5)
+    fired = fire_until_done(engine)
+    assert fired[-1] == (0.5 + give_up, 0)
+    assert all(t <= 0.5 + give_up for t, _ in fired)
+
+
+def test_give_up_shorter_than_a_client_timeout_is_kept() -> None:
+    engine = make_engine(blksize=8, timeout=10.0, oack={"timeout": "10"}, limits=Limits(give_up=5.0))
+    begin(engine, Source(pattern(1000)))
+    assert fire_until_done(engine) == [(5.0, 0)]
+
+
+# -- gap reports (RFC 7440) and the Sorcerer's Apprentice ---------------------------------------
+
+
+def windowed_after_oack(rtt: float = 0.002) -> Tuple[ReadTransfer, Source]:
+    """Window 4 of 8-byte blocks; the OACK was acknowledged after `rtt`, and window 1..4 sent then."""
+    oack = {"blksize": "8", "windowsize": "4"}
+    engine = make_engine(blksize=8, windowsize=4, oack=oack)
+    source = Source(pattern(1000))
+    begin(engine, source)
+    assert data_blocks(event(engine, source, ack(0), rtt)) == [1, 2, 3, 4]
+    return engine, source
+
+
+def test_repeated_ack_of_the_previous_window_resends_the_window_once() -> None:
+    engine, source = windowed_after_oack()
+    # Block 1 was lost, 2 arrived: the client ACKs 0 again, one round trip later. Resend from 1.
+    assert data_blocks(event(engine, source, ack(0), 0.004)) == [1, 2, 3, 4]
+    assert engine.retransmits == 4
+    assert event(engine, source, ack(0), 0.0045) == []  # once per window
+    assert event(engine, source, ack(0), 0.006) == []
+    assert data_blocks(event(engine, source, ack(4), 0.006)) == [5, 6, 7, 8]
+    # The window after such a resend: a repeat of ACK 4 is the client answering our duplicates.
+    assert event(engine, source, ack(4), 0.0085) == []
+    assert data_blocks(event(engine, source, ack(8), 0.009)) == [9, 10, 11, 12]
+    assert event(engine, source, ack(8), 0.0095) == []  # sooner than any round trip: an echo
+    assert data_blocks(event(engine, source, ack(8), 0.0115)) == [9, 10, 11, 12]
+    assert engine.retransmits == 8
+
+
+def test_repeated_ack_in_lockstep_never_resends() -> None:
+    """Lock-step: a repeat of the last ACK is an echo (the Sorcerer's Apprentice), never a report."""
+    oack = {"blksize": "8"}
+    engine = make_engine(blksize=8, oack=oack)
+    source = Source(pattern(1000))
+    begin(engine, source)
+    now = 0.002
+    event(engine, source, ack(0), now)
+    for block in range(1, 50):
+        now += 0.002
+        assert data_blocks(event(engine, source, ack(block), now)) == [block + 1]
+        for late in (0.001, 0.003, 0.5):
+            assert event(engine, source, ack(block), now + late) == []
+    assert engine.retransmits == 0
+
+
+@pytest.mark.parametrize("windowsize", [1, 4, 16])
+def test_every_datagram_doubled_and_late_is_no_storm(windowsize: int) -> None:
+    """Each datagram arrives twice, the copy up to a round trip late: the client re-ACKs every
+    duplicate DATA, and those ACKs are duplicated too. Not one block is resent (a Sorcerer's
+    Apprentice storm would double every window from the first echo on)."""
+    source = os.urandom(64 * 400)
+    oack = {"blksize": "64", "windowsize": str(windowsize)}
+    engine = make_engine(blksize=64, windowsize=windowsize, oack=oack)
+    run = Harness(engine, source, oack=packets.encode_oack(oack), duplicate=1.0, seed=windowsize)
+    assert run.run() == Outcome.COMPLETE
+    assert bytes(run.client.data) == source
+    assert engine.duplicate_acks > 800
+    assert engine.retransmits == 0
+
+
+def test_gap_reports_spare_timeouts_under_loss() -> None:
+    """5% loss, window 8: answering gap reports needs fewer timeouts than waiting for the timer."""
+    source = os.urandom(64 * 3000)
+    oack = {"blksize": "64", "windowsize": "8"}
+    engine = make_engine(blksize=64, windowsize=8, oack=oack, limits=Limits(give_up=1000.0))
+    run = Harness(engine, source, oack=packets.encode_oack(oack), loss=0.05, reorder=0.3, seed=1)
+    assert run.run() == Outcome.COMPLETE
+    assert bytes(run.client.data) == source
+    with_reports = run.now
+    assert engine.retransmits > 0
+    silent = make_engine(blksize=64, windowsize=8, oack=oack, limits=Limits(give_up=1000.0))
+    silent._min_rtt = float("nan")  # every comparison with it is false: no gap report ever counts
+    run = Harness(silent, source, oack=packets.encode_oack(oack), loss=0.05, reorder=0.3, seed=1)
+    assert run.run() == Outcome.COMPLETE
+    assert with_reports < run.now * 0.9
+
+
+# -- properties: whatever arrives, whenever --------------------------------------------------------
+
+anything = st.lists(
+    st.one_of(
+        st.tuples(st.just("ack"), st.integers(0, 65535)),  # any number at all
+        st.tuples(st.just("ack-next"), st.integers(0, 70)),  # one the engine may count as progress
+        st.tuples(st.just("datagram"), st.binary(max_size=12)),  # junk, errors, truncated, oversized
+        st.tuples(st.just("timer"), st.integers(0, 3000)),  # ms later; fired at any time, early or late
+    ),
+    max_size=120,
+)
+
+
+@QUICK
+@given(
+    size=st.integers(0, 5000),
+    blksize=st.sampled_from([8, 64, 512]),
+    windowsize=st.sampled_from([1, 2, 8, 64]),
+    options=st.sampled_from([None, {"tsize": "0"}, {"timeout": "2"}, {"blksize": "x"}]),
+    give_up=st.sampled_from([0.5, 2.0, 10.0]),
+    script=anything,
+)
+def test_anything_at_any_time(
+    size: int,
+    blksize: int,
+    windowsize: int,
+    options: Optional[Dict[str, str]],
+    give_up: float,
+    script: List[Tuple[str, object]],
+) -> None:
+    """No exception; never a block beyond the file; what a client taking DATA in order gets is the
+    file's prefix; the deadline never passes the give-up time, and a timer at or after it ends the
+    transfer; after the script, silence ends it within the give-up time of the last progress."""
+    source = pattern(size)
+    oack = dict(options) if options else None
+    if oack is not None and "tsize" in oack:
+        oack["tsize"] = str(size)
+    if oack is not None and "blksize" in oack:
+        oack = {"blksize": str(blksize)}
+    timeout = 2.0 if oack and "timeout" in oack else 0.5
+    limits = Limits(timeout=0.5, give_up=max(give_up, 0.5))
+    engine = make_engine(blksize=blksize, windowsize=windowsize, timeout=timeout, oack=oack, limits=limits)
+    monitor = Monitor(source, blksize, windowsize, 0, packets.encode_oack(oack) if oack else None)
+    reader = Source(source)
+    delivered = bytearray()
+    expected = 1
+    now = 0.0
+    progress_at = 0.0
+    last_bytes = 0
+
+    def emit(out: List[bytes]) -> None:
+        nonlocal expected
+        for datagram in out:
+            monitor.sent(datagram)  # well-formed, inside the window, the right bytes, not past the end
+            if datagram[1] == packets.Opcode.DATA and int.from_bytes(datagram[2:4], "big") == expected & 0xFFFF:
+                delivered.extend(datagram[4:])
+                expected += 1
+
+    def feed() -> None:
+        while engine.need > 0:
+            emit(engine.data(reader.read(engine.need), now))
+
+    emit(engine.start(now))
+    feed()
+    for kind, value in script:
+        if engine.outcome is not None:
+            break
+        acked_before = engine._acked
+        if kind == "ack":
+            monitor.ack_delivered(int(value))  # type: ignore[call-overload]
+            emit(engine.datagram(ack(int(value)), now))  # type: ignore[call-overload]
+        elif kind == "ack-next":
+            number = max(monitor.acked, 0) + int(value)  # type: ignore[call-overload]
+            monitor.ack_delivered(number & 0xFFFF)
+            emit(engine.datagram(ack(number & 0xFFFF), now))
+        elif kind == "datagram":
+            datagram = bytes(value)  # type: ignore[call-overload]
+            if len(datagram) == 4 and datagram[:2] == b"\0\4":
+                monitor.ack_delivered(int.from_bytes(datagram[2:], "big"))
+            emit(engine.datagram(datagram, now))
+        else:
+            now += int(value) / 1000  # type: ignore[call-overload]
+            ended_by_time = now - progress_at >= limits.give_up
+            emit(engine.timer(now))
+            if ended_by_time:  # the deadline was never later than this: the timer was not early
+                assert engine.outcome == Outcome.TIMEOUT
+        feed()
+        if engine._acked > acked_before:
+            progress_at = now
+        if engine.outcome is None:
+            assert engine.deadline <= progress_at + limits.give_up + 1e-9
+        assert last_bytes <= engine.bytes_acked <= size
+        last_bytes = engine.bytes_acked
+        assert bytes(delivered) == source[: len(delivered)]
+    if engine.outcome is None:  # silence: the timer fired at each deadline, on time
+        fired = 0
+        while engine.outcome is None:
+            assert engine.deadline <= progress_at + limits.give_up + 1e-9
+            now = max(now, engine.deadline)
+            emit(engine.timer(now))
+            fired += 1
+            assert fired < 100
+        assert engine.outcome == Outcome.TIMEOUT
+        assert now <= progress_at + limits.give_up + 1e-9  # within the give-up time, not a timeout later
+    if engine.outcome == Outcome.COMPLETE:
+        assert engine.bytes_acked == size

@@ -7,6 +7,7 @@ timeout and each transfer a wall-clock deadline.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 import time
@@ -23,10 +24,12 @@ def family_of(host: str) -> socket.AddressFamily:
 
 
 def udp_socket(host: str, rcvbuf: int = 4 << 20) -> socket.socket:
-    """A UDP socket bound to an ephemeral port on the loopback address matching `host`."""
+    """A UDP socket on an ephemeral port: on `host` itself when it is a loopback address (the
+    server's), else on the wildcard address (a server elsewhere: inside a network namespace)."""
     sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.bind((host, 0))
+    local = host if ipaddress.ip_address(host.split("%", 1)[0]).is_loopback else ("::" if ":" in host else "0.0.0.0")
+    sock.bind((local, 0))
     return sock
 
 
@@ -104,7 +107,8 @@ def get(
     """Download `filename`; honours blksize/windowsize from the OACK; after block 65535 expects
     block `rollover` (0 or 1).
 
-    ACKs every `windowsize`-th block and the last; on a gap ACKs the last in-order block (RFC 7440).
+    ACKs every `windowsize`-th block since its last ACK, and the last block; on a gap ACKs the last
+    in-order block (RFC 7440), and the window then counts from there, as the server's go-back-N does.
     """
     result = Result()
     blksize, windowsize = 512, 1
@@ -112,6 +116,7 @@ def get(
     chunks = []
     received = 0  # blocks received in order (wide counter)
     gap_acked = -1
+    since_ack = 0  # in-order blocks received since our last ACK
     with udp_socket(host) as sock:
         last_sent = rrq(filename, mode, options)
         sock.sendto(last_sent, (host, port))
@@ -154,7 +159,9 @@ def get(
                 payload = datagram[4:]
                 chunks.append(payload)
                 last = len(payload) < blksize
-                if last or received % windowsize == 0:
+                since_ack += 1
+                if last or since_ack >= windowsize:
+                    since_ack = 0
                     last_sent = ack(wire_block(received, rollover))
                     sock.sendto(last_sent, peer)
                 if last:
@@ -164,7 +171,44 @@ def get(
                 # A retransmission of the last block we have (our ACK was lost), or a gap: say where
                 # we are, once per position (a duplicate ACK must not be needed for progress).
                 gap_acked = received
+                since_ack = 0
                 last_sent = ack(wire_block(received, rollover))
                 sock.sendto(last_sent, peer)
     result.data = b"".join(chunks)
     return result
+
+
+def main(argv: Optional[list] = None) -> int:
+    """`python tests/tftp_client.py HOST PORT NAME [--option NAME=VALUE]... [--timeout S]`: one download,
+    then one JSON line on stdout: complete, error, bytes, sha256, seconds. For running a client where
+    the test process cannot be (inside a network namespace: `ip netns exec NS python ...`)."""
+    import argparse
+    import hashlib
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("name")
+    parser.add_argument("--option", action="append", default=[], help="NAME=VALUE, sent in the RRQ")
+    parser.add_argument("--timeout", type=float, default=1.0, help="our own retransmission timeout")
+    parser.add_argument("--retries", type=int, default=20)
+    parser.add_argument("--deadline", type=float, default=120.0)
+    parser.add_argument("--out", help="write the file here too")
+    args = parser.parse_args(argv)
+    options = dict(option.split("=", 1) for option in args.option)
+    started = time.monotonic()
+    result = get(args.host, args.port, args.name.encode(), options or None, timeout=args.timeout,
+                 retries=args.retries, deadline=args.deadline)
+    seconds = time.monotonic() - started
+    if args.out:
+        with open(args.out, "wb") as out:
+            out.write(result.data)
+    print(json.dumps({"complete": result.complete, "error": result.error, "bytes": len(result.data),
+                      "sha256": hashlib.sha256(result.data).hexdigest(), "seconds": seconds,
+                      "notes": result.notes}))
+    return 0 if result.complete else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,9 +31,12 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from .engine import Outcome
+
 COMPLETE, PROBE, CLIENT_ERROR, TIMEOUT, PROTOCOL_ERROR, ABORTED, REFUSED = (
-    "complete", "probe", "client-error", "timeout", "protocol-error", "aborted", "refused")
-OUTCOMES = (COMPLETE, PROBE, CLIENT_ERROR, TIMEOUT, PROTOCOL_ERROR, ABORTED, REFUSED)
+    outcome.value for outcome in (Outcome.COMPLETE, Outcome.PROBE, Outcome.CLIENT_ERROR, Outcome.TIMEOUT,
+                                  Outcome.PROTOCOL_ERROR, Outcome.ABORTED, Outcome.REFUSED))
+OUTCOMES = tuple(outcome.value for outcome in Outcome)
 """Every value of a transfer-end event's `outcome`; COMPLETE and PROBE are the normal ones."""
 
 

@@ -38,7 +38,6 @@ from .packets import (
     Request,
     decode,
     encode_error,
-    encode_oack,
 )
 from .readers import NetasciiReader
 from .stats import Stats, report_outcome
@@ -279,7 +278,7 @@ class TFTPServer:
 
     def abort_all(self) -> None:
         for session in list(self.sessions.values()):
-            session.close("aborted", "Server shutting down")
+            session.close(Outcome.ABORTED, "Server shutting down")
         self._check_drained()
 
     def _check_drained(self) -> None:
@@ -329,6 +328,8 @@ class Session(DatagramProtocol):
         self._error: Optional[Tuple[int, str, str]] = None
         """(code, message, "server") of an ERROR we sent, for the log."""
         self._timer: Optional[IDelayedCall] = None
+        self._armed = 0.0
+        """When the transfer's timer is set to fire (compared with the engine's deadline)."""
         self._reading = False
         self._port: Optional[TransferPort] = None
         self.sent = 0
@@ -418,15 +419,14 @@ class Session(DatagramProtocol):
             self._end(Outcome.ABORTED)
             return
         self._port = port
-        self.engine = engine = ReadTransfer(negotiated, self.server.limits,
-                                            encode_oack(negotiated.oack) if negotiated.oack else None)
+        self.engine = engine = ReadTransfer(negotiated, self.server.limits)
         now = self.server.reactor.seconds()
         if self.server.log_starts:
             log.info("Sending {file} to {client}", **self.fields(), event="transfer-start")
         self.server.stats.transfers_started += 1
         self._send(engine.start(now))
         self._pump(now)
-        self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
+        self._arm(now)
 
     # -- phase 2: the transfer (the hot path) ---------------------------------------------------
 
@@ -447,6 +447,22 @@ class Session(DatagramProtocol):
             self._pump(now)
         if engine.outcome is not None:
             self._end(engine.outcome)
+        elif engine.deadline < self._armed:
+            self._rearm(now)
+
+    def _rearm(self, now: float) -> None:
+        """The deadline moved earlier than the timer (rare: an ACK after a backed-off timeout, a
+        shorter learnt timeout, data after a slow read); usually it moves later, and the timer,
+        firing early, follows it."""
+        self._timer.cancel()  # type: ignore[union-attr]
+        self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        """Set the transfer's one timer for the engine's deadline (cancel and callLater: moving a
+        DelayedCall sooner searches the reactor's whole heap)."""
+        deadline = self.engine.deadline  # type: ignore[union-attr]
+        self._armed = deadline
+        self._timer = self.server.reactor.callLater(max(deadline - now, 0), self._timed_out)
 
     def _send(self, datagrams: List[bytes]) -> None:
         send = self._port.send  # type: ignore[union-attr]
@@ -489,6 +505,8 @@ class Session(DatagramProtocol):
             now = self.server.reactor.seconds()
             if self._feed(chunk, now):
                 self._pump(now)
+            if self.outcome is None and self.engine.deadline < self._armed:
+                self._rearm(now)
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = False
@@ -496,7 +514,7 @@ class Session(DatagramProtocol):
             return
         log.failure("Reading {file} for {client} failed", failure=failure, file=logs.filename(self.request.filename),
                     client=logs.address(*self.client))
-        self.close("aborted", "Error reading the file")
+        self.close(Outcome.ABORTED, "Error reading the file")
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -510,18 +528,18 @@ class Session(DatagramProtocol):
         if engine.outcome is not None:
             self._end(engine.outcome)
         else:
-            self._timer = self.server.reactor.callLater(max(engine.deadline - now, 0), self._timed_out)
+            self._arm(now)
 
     # -- the end ----------------------------------------------------------------------------
 
-    def close(self, outcome: str, message: Optional[str] = None) -> None:
+    def close(self, outcome: Outcome, message: Optional[str] = None) -> None:
         """End from our side; `message`, if given, is sent to the client as ERROR 0."""
         if self.outcome is not None:
             return
         if message is not None:
             self._error = (int(ErrorCode.NOT_DEFINED), message, "server")
             if self.engine is not None:
-                self._send([self.engine.abort(message)])
+                self._send(self.engine.abort(message))
                 self.server.stats.error_sent(ErrorCode.NOT_DEFINED)
             else:
                 self._reply_error(ErrorCode.NOT_DEFINED, message)
@@ -529,7 +547,7 @@ class Session(DatagramProtocol):
         # _lookup_failed sees the outcome and stays quiet.
         self._end(outcome)
 
-    def _end(self, outcome: str) -> None:
+    def _end(self, outcome: Outcome) -> None:
         if self.outcome is not None:
             return
         self.outcome = outcome
@@ -606,12 +624,7 @@ class Session(DatagramProtocol):
 
     def _shown_outcome(self, report: Dict[str, Any]) -> str:
         outcome = report["outcome"]
-        outcome = str(getattr(outcome, "value", outcome))  # the plain string, should Outcome become an Enum
-        # The size probe (UEFI): until the engine says `probe` itself, tell it here, in this one place:
-        # the client ended with an ERROR after an OACK with tsize, before any data.
-        if outcome == logs.CLIENT_ERROR and report["bytes"] == 0 and "tsize" in self.request.options:
-            return logs.PROBE
-        return outcome
+        return str(getattr(outcome, "value", outcome))  # the plain string: a str Enum hashes by name
 
     def report(self) -> Dict[str, Any]:
         """How the transfer went: the fields of its log line and of the backend's report."""

@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from twisted.logger import Logger
 
+from .engine import Outcome
+
 if TYPE_CHECKING:
     from .server import Session
 
 log = Logger(namespace="tftp_offload")
 
-OUTCOMES = ("complete", "client-error", "timeout", "protocol-error", "aborted", "probe")
+OUTCOMES = tuple(outcome.value for outcome in Outcome if outcome is not Outcome.REFUSED)
 """What a finished transfer reports (docs/offload-protocol.md, TransferFinished `outcome`)."""
 
 REFUSALS = ("capacity", "malformed", "wrq", "stranger", "not-request", "draining", "limit", "not-allowed")

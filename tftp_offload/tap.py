@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
@@ -52,7 +52,8 @@ def parse_listen(text: str) -> Tuple[str, int]:
     return host or "::", int(port)
 
 
-def _number(kind: Callable[[str], Any], low: float, high: float, name: str) -> Callable[[str], Any]:
+def _number(kind: Callable[[str], Any], low: float, high: float, name: str,
+            doc: Optional[str] = None) -> Callable[[str], Any]:
     def coerce(text: str) -> Any:
         try:
             value = kind(text)
@@ -62,7 +63,7 @@ def _number(kind: Callable[[str], Any], low: float, high: float, name: str) -> C
             raise ValueError(f"{name} must be from {kind(str(low))} to {kind(str(high))}, not {text}")
         return value
 
-    coerce.coerceDoc = f"From {kind(str(low))} to {kind(str(high))}."  # type: ignore[attr-defined]
+    coerce.coerceDoc = doc or f"From {kind(str(low))} to {kind(str(high))}."  # type: ignore[attr-defined]
     return coerce
 
 
@@ -90,10 +91,11 @@ class Options(usage.Options):
          _number(int, 1, MAX_WINDOWSIZE, "--max-windowsize")],
         ["max-window-bytes", None, 1 << 20, "Largest window granted, in bytes in flight.",
          _number(int, 512, 1 << 30, "--max-window-bytes")],
-        ["timeout", "t", 1.0, "Seconds before the first retransmission when the client sets no timeout "
-         "(RFC 2349); it doubles on each retry, up to 8.", _number(float, 0.01, 255, "--timeout")],
-        ["give-up", None, 30.0, "Seconds without progress after which a transfer is abandoned.",
-         _number(float, 0.01, 3600, "--give-up")],
+        ["timeout", "t", 1.0, "When the client sets no timeout (RFC 2349): seconds before the first "
+         "retransmission, and the most the timeout learnt from the transfer's round trips (10 ms over them "
+         "at least) may be; it doubles on each retry, up to 8.", _number(float, 0.01, 255, "--timeout")],
+        ["give-up", None, 30.0, "Seconds without progress after which a transfer is abandoned (then, not at "
+         "the next retry).", _number(float, 0.01, 3600, "--give-up", "From the --timeout value to 3600.")],
         ["rollover", None, 0, "Block number after 65535: 0 or 1.", _number(int, 0, 1, "--rollover")],
         ["max-sessions", None, 1000, "Transfers (and backend lookups) at once; further requests are "
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
