@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from .logs import address as show
+from .udp import bind_address
 
 log = Logger(namespace="tftp_offload")
 
@@ -128,7 +129,7 @@ def check_listen(wanted: Sequence[Tuple[str, Listen]]) -> None:
                 sock = stack.enter_context(socket.socket(family, socket.SOCK_DGRAM))
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(port in v4_ports))
-                sock.bind((host, port))
+                sock.bind(bind_address(host, port))  # a link-local scope too
             except OSError as e:
                 raise StartupError(listen_failure(text, host, port, e)) from None
 
