@@ -125,6 +125,11 @@ def test_option_errors(tmp_path: Path, args: List[str]) -> None:
         ("--max-sessions", "0"),
         ("--backend-timeout", "61"),
         ("--drain-timeout", "-0.5"),
+        ("--port-range", "5000"),
+        ("--port-range", "6000:5000"),
+        ("--port-range", "0:10"),
+        ("--port-range", "1:70000"),
+        ("--port-range", "a:b"),
     ],
 )
 def test_bad_numbers_give_one_line(tmp_path: Path, option: str, value: str) -> None:
@@ -150,7 +155,14 @@ def test_make_service(tmp_path: Path) -> None:
     assert tftp.lookup_timeout > 2  # the backend's own timeout answers first
     assert tftp.drain_timeout == 3
     assert tftp.quiet is True
+    assert tftp.port_range is None
     assert not tftp.running
+
+
+def test_port_range_reaches_the_service(tmp_path: Path) -> None:
+    [tftp] = [child for child in makeService(parse("--root", str(tmp_path), "--port-range", "49152:49407"))
+              if isinstance(child, TFTPOffloadService)]
+    assert tftp.port_range == (49152, 49407)
 
 
 def test_make_service_with_defaults(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
 from .interfaces import IBackend
+from .mux import PortsExhausted, TransferSocket, TransferSockets
 from .options import Limits, negotiate
 from .packets import (
     ErrorCode,
@@ -38,7 +39,7 @@ from .packets import (
     encode_oack,
 )
 from .readers import NetasciiReader
-from .udp import Address, RequestPort, TransferPort, is_ipv6, path_mtu, plain_host
+from .udp import Address, RequestPort, is_ipv6, path_mtu, plain_host
 
 log = Logger(namespace="tftp_offload")
 
@@ -95,6 +96,7 @@ class TFTPServer:
         lookup_timeout: float = LOOKUP_TIMEOUT,
         reactor: Any = None,
         quiet: bool = False,
+        port_range: Optional[Tuple[int, int]] = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -112,6 +114,8 @@ class TFTPServer:
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
         self.quiet = quiet
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
+        self.transfers = TransferSockets(reactor, port_range)
+        """Every transfer's socket, read through one reactor reader."""
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -176,9 +180,17 @@ class TFTPServer:
                          "(--max-sessions); the client will retry", client=client, file=packet.filename,
                          sessions=len(self.sessions), outcome="busy")
             return
+        if self.transfers.exhausted():
+            self.ports_exhausted(packet.filename, client, now)
+            return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
         session.lookup()
+
+    def ports_exhausted(self, filename: bytes, client: Address, now: float) -> None:
+        if self._bad.allow(now):
+            log.warn("Dropped request for {file!r} from {client}: every port of --port-range is in use; "
+                     "the client will retry", client=client, file=filename, outcome="busy")
 
     def path_mtu(self, local: str, peer: str) -> Optional[int]:
         key = (local, peer)
@@ -287,7 +299,7 @@ class Session(DatagramProtocol):
         self.outcome: Optional[str] = None
         self._timer: Optional[IDelayedCall] = None
         self._reading = False
-        self._port: Optional[TransferPort] = None
+        self._port: Optional[TransferSocket] = None
 
     # -- phase 1: ask the backend -------------------------------------------------------------
 
@@ -354,8 +366,11 @@ class Session(DatagramProtocol):
             ipv6 = is_ipv6(self.client[0])
             negotiated = negotiate(request.options, request.mode, size, self.server.limits,
                                    self.server.path_mtu(self.local, self.client[0]), ipv6)
-            port = TransferPort(0, self, self.local, 65536, self.server.reactor)
-            port.startListening()
+            port = self.server.transfers.open(self.local, self)
+        except PortsExhausted:
+            self.server.ports_exhausted(request.filename, self.client, self.server.reactor.seconds())
+            self._end("busy")
+            return
         except Exception:
             log.failure("Could not start a transfer of {file!r} to {client}", file=request.filename,
                         client=self.client)
@@ -390,10 +405,7 @@ class Session(DatagramProtocol):
             self._end(engine.outcome)
 
     def _send(self, datagrams: List[bytes]) -> None:
-        send = self._port.send  # type: ignore[union-attr]
-        client = self.client
-        for datagram in datagrams:
-            send(datagram, client)
+        self._port.send_all(datagrams, self.client)  # type: ignore[union-attr]
 
     def _pump(self, now: float) -> None:
         """Feed the engine what it needs; synchronous readers loop here, Deferred ones call back."""

@@ -44,6 +44,8 @@ class TFTPOffloadService(Service):
     - `quiet`: log only transfers that fail.
     - `drain_timeout`: on stop, seconds running transfers get to finish.
     - `inherited`: (fd, family) of bound UDP sockets to adopt (socket activation).
+    - `port_range`: (low, high): every transfer's port comes from it; when all are in
+      use, requests are dropped with a log line (ROMs retry). None: any free port.
     - `reactor`: defaults to the global one, looked up only when the service starts.
     """
 
@@ -58,6 +60,7 @@ class TFTPOffloadService(Service):
         quiet: bool = False,
         drain_timeout: float = DRAIN_TIMEOUT,
         inherited: Sequence[Tuple[int, int]] = (),
+        port_range: Optional[Tuple[int, int]] = None,
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -68,6 +71,7 @@ class TFTPOffloadService(Service):
         self.quiet = quiet
         self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
+        self.port_range = port_range
         self.server: Optional[TFTPServer] = None
         self.ports: List[RequestPort] = []
 
@@ -76,7 +80,7 @@ class TFTPOffloadService(Service):
         if reactor is None:
             from twisted.internet import reactor
         self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
-                                 self.quiet)
+                                 self.quiet, self.port_range)
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:
             for fd, family in self.inherited:

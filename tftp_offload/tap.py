@@ -36,6 +36,19 @@ def parse_listen(text: str) -> Tuple[str, int]:
     return host or "::", int(port)
 
 
+def parse_port_range(text: str) -> Tuple[int, int]:
+    """`LOW:HIGH`, both ports from 1 to 65535, LOW <= HIGH."""
+    low, sep, high = text.partition(":")
+    if not sep or not all(p.isascii() and p.isdigit() for p in (low, high)):
+        raise ValueError(f"--port-range {text!r}: expected LOW:HIGH, e.g. 49152:49407")
+    if not 1 <= int(low) <= int(high) <= 65535:
+        raise ValueError(f"--port-range {text!r}: ports from 1 to 65535, LOW no higher than HIGH")
+    return int(low), int(high)
+
+
+parse_port_range.coerceDoc = "LOW:HIGH, e.g. 49152:49407."  # type: ignore[attr-defined]
+
+
 def _number(kind: Callable[[str], Any], low: float, high: float, name: str) -> Callable[[str], Any]:
     def coerce(text: str) -> Any:
         try:
@@ -81,6 +94,8 @@ class Options(usage.Options):
         ["rollover", None, 0, "Block number after 65535: 0 or 1.", _number(int, 0, 1, "--rollover")],
         ["max-sessions", None, 1000, "Transfers (and backend lookups) at once; further requests are "
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
+        ["port-range", None, None, "Serve every transfer from a port in LOW:HIGH (for firewalls); when all "
+         "are in use, requests are dropped with a log line until one ends (ROMs retry).", parse_port_range],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
     ]
@@ -173,6 +188,7 @@ def makeService(options: Options) -> IService:
         quiet=bool(options["quiet"]),
         drain_timeout=options["drain-timeout"],
         inherited=options.inherited,
+        port_range=options["port-range"],
     )
     tftp.setServiceParent(top)
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
