@@ -147,10 +147,6 @@ class TransferSocket:
             return None
         return seconds + microseconds * 1e-6
 
-    def getHost(self) -> Tuple[str, int]:
-        skt = self.socket
-        return skt.getsockname()[:2] if skt is not None else ("", self.port)
-
     def stopListening(self) -> None:
         """Close the socket (idempotent); nothing is read from it afterwards."""
         if self.socket is not None:

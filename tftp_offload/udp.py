@@ -96,6 +96,13 @@ class RequestPort(udp.Port):
         self._enable_ancillary(skt)
         return skt
 
+    def getHost(self) -> Any:
+        """As udp.Port's, built once: every request asks (its local port goes to the backend)."""
+        host = self.__dict__.get("_host")
+        if host is None or not self.connected:
+            host = self._host = super().getHost()
+        return host
+
     def _enable_ancillary(self, skt: socket.socket) -> None:
         with contextlib.suppress(OSError):
             skt.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
