@@ -191,6 +191,17 @@ def test_port_range(twistd_factory: StartServer) -> None:
     server.assert_healthy()
 
 
+def test_single_port(twistd_factory: StartServer) -> None:
+    """--single-port: the whole transfer comes from the port the RRQ was sent to (windowed and
+    lock-step)."""
+    server = twistd_factory("--single-port", hosts=("127.0.0.1",))
+    for options in (None, {"blksize": "1468", "windowsize": "16"}):
+        result = tftp_client.get("127.0.0.1", server.port, b"1m.bin", options)
+        assert result.complete and result.data == (server.root / "1m.bin").read_bytes()
+        assert result.server == ("127.0.0.1", server.port) and result.stray == 0
+    server.assert_healthy()
+
+
 @pytest.mark.parametrize("listen,send_to", [("0.0.0.0", "127.0.0.2"), ("::", "127.0.0.3"), ("::", "::1")])
 def test_reply_from_the_address_asked(twistd_factory: StartServer, listen: str, send_to: str) -> None:
     """Listening on a wildcard address, replies leave from the address the RRQ was sent to.

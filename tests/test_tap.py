@@ -163,6 +163,13 @@ def test_port_range_reaches_the_service(tmp_path: Path) -> None:
     [tftp] = [child for child in makeService(parse("--root", str(tmp_path), "--port-range", "49152:49407"))
               if isinstance(child, TFTPOffloadService)]
     assert tftp.port_range == (49152, 49407)
+    assert tftp.single_port is False
+
+
+def test_single_port_reaches_the_service(tmp_path: Path) -> None:
+    [tftp] = [child for child in makeService(parse("--root", str(tmp_path), "--single-port"))
+              if isinstance(child, TFTPOffloadService)]
+    assert tftp.single_port is True
 
 
 def test_make_service_with_defaults(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ the backend and the reactor. The chain for one request:
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
 from .interfaces import IBackend
-from .mux import PortsExhausted, TransferSocket, TransferSockets
+from .mux import ListenerTransfer, PortsExhausted, TransferSocket, TransferSockets
 from .options import Limits, negotiate
 from .packets import (
     ErrorCode,
@@ -97,6 +97,7 @@ class TFTPServer:
         reactor: Any = None,
         quiet: bool = False,
         port_range: Optional[Tuple[int, int]] = None,
+        single_port: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -116,6 +117,8 @@ class TFTPServer:
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
         self.transfers = TransferSockets(reactor, port_range)
         """Every transfer's socket, read through one reactor reader."""
+        self.single_port = single_port
+        """Serve every transfer from the listening port, told apart by the client's address."""
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -129,6 +132,9 @@ class TFTPServer:
         """
         client = (plain_host(wire_client[0]), wire_client[1])
         local = plain_host(local)
+        if self.single_port and data[:2] not in (b"\0\1", b"\0\2") and self._for_transfer(
+                listener, data, client, wire_client, local, arrived):
+            return
         try:
             packet = decode(data)
         except MalformedPacket as e:
@@ -186,6 +192,26 @@ class TFTPServer:
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
         session.lookup()
+
+    def _for_transfer(self, listener: RequestPort, data: bytes, client: Address, wire_client: Address, local: str,
+                      arrived: float) -> bool:
+        """--single-port: a datagram that is not a request goes to the client's transfer, if it has one.
+
+        An ACK that belongs to no transfer gets ERROR 5 (RFC 1350's unknown
+        transfer ID), unless it is the client whose transfer just completed
+        (a repeated final ACK). Anything else takes the listener's usual path.
+        """
+        session = self.sessions.get(client)
+        port = session._port if session is not None else None
+        if isinstance(port, ListenerTransfer):
+            port.arrived = arrived
+            session.datagramReceived(data, client)  # type: ignore[union-attr]
+            return True
+        if data[:2] == b"\0\4" and client not in self._completed:
+            if self._refusals.allow(self.reactor.seconds()):
+                listener.reply(UNKNOWN_TID, wire_client, local)
+            return True
+        return False
 
     def ports_exhausted(self, filename: bytes, client: Address, now: float) -> None:
         if self._bad.allow(now):
@@ -299,7 +325,7 @@ class Session(DatagramProtocol):
         self.outcome: Optional[str] = None
         self._timer: Optional[IDelayedCall] = None
         self._reading = False
-        self._port: Optional[TransferSocket] = None
+        self._port: Union[TransferSocket, ListenerTransfer, None] = None
 
     # -- phase 1: ask the backend -------------------------------------------------------------
 
@@ -366,7 +392,11 @@ class Session(DatagramProtocol):
             ipv6 = is_ipv6(self.client[0])
             negotiated = negotiate(request.options, request.mode, size, self.server.limits,
                                    self.server.path_mtu(self.local, self.client[0]), ipv6)
-            port = self.server.transfers.open(self.local, self)
+            port: Union[TransferSocket, ListenerTransfer]
+            if self.server.single_port:
+                port = ListenerTransfer(self.listener, self.wire_client, self.local)
+            else:
+                port = self.server.transfers.open(self.local, self)
         except PortsExhausted:
             self.server.ports_exhausted(request.filename, self.client, self.server.reactor.seconds())
             self._end("busy")

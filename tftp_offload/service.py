@@ -46,6 +46,8 @@ class TFTPOffloadService(Service):
     - `inherited`: (fd, family) of bound UDP sockets to adopt (socket activation).
     - `port_range`: (low, high): every transfer's port comes from it; when all are in
       use, requests are dropped with a log line (ROMs retry). None: any free port.
+    - `single_port`: serve every transfer from the listening port it was asked on,
+      told apart by the client's address and port (for firewalls and NAT).
     - `reactor`: defaults to the global one, looked up only when the service starts.
     """
 
@@ -61,6 +63,7 @@ class TFTPOffloadService(Service):
         drain_timeout: float = DRAIN_TIMEOUT,
         inherited: Sequence[Tuple[int, int]] = (),
         port_range: Optional[Tuple[int, int]] = None,
+        single_port: bool = False,
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -72,6 +75,7 @@ class TFTPOffloadService(Service):
         self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
         self.port_range = port_range
+        self.single_port = single_port
         self.server: Optional[TFTPServer] = None
         self.ports: List[RequestPort] = []
 
@@ -80,7 +84,7 @@ class TFTPOffloadService(Service):
         if reactor is None:
             from twisted.internet import reactor
         self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
-                                 self.quiet, self.port_range)
+                                 self.quiet, self.port_range, self.single_port)
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:
             for fd, family in self.inherited:

@@ -73,6 +73,8 @@ class Options(usage.Options):
     )
     optFlags = [
         ["quiet", "q", "Log only transfers that fail, not every completed one."],
+        ["single-port", None, "Serve every transfer from the port the request came to (69), told apart by "
+         "the client's address and port: for firewalls and NAT that pass only that port."],
     ]
     optParameters = [
         ["root", "r", None, "Serve files from this directory."],
@@ -189,6 +191,7 @@ def makeService(options: Options) -> IService:
         drain_timeout=options["drain-timeout"],
         inherited=options.inherited,
         port_range=options["port-range"],
+        single_port=bool(options["single-port"]),
     )
     tftp.setServiceParent(top)
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
