@@ -27,6 +27,7 @@ from tftp_offload.backends.directory import DirectoryBackend
 from tftp_offload.options import Limits
 from tftp_offload.service import DEFAULT_LISTEN, TFTPOffloadService
 from tftp_offload.tap import Options, makeService, parse_listen
+from tftp_offload.workers import Workers
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +124,7 @@ def test_option_errors(tmp_path: Path, args: List[str]) -> None:
         ("--max-window-bytes", "1"),
         ("--rollover", "2"),
         ("--max-sessions", "0"),
+        ("--workers", "0"),
         ("--backend-timeout", "61"),
         ("--drain-timeout", "-0.5"),
         ("--port-range", "5000"),
@@ -164,6 +166,17 @@ def test_port_range_reaches_the_service(tmp_path: Path) -> None:
               if isinstance(child, TFTPOffloadService)]
     assert tftp.port_range == (49152, 49407)
     assert tftp.single_port is False
+
+
+def test_workers_option(tmp_path: Path) -> None:
+    options = parse("--root", str(tmp_path), "--workers", "3", "--listen", "127.0.0.1:0")
+    assert options.argv == ["--root", str(tmp_path), "--workers", "3", "--listen", "127.0.0.1:0"]
+    top = makeService(options)
+    [tftp] = [child for child in top if isinstance(child, TFTPOffloadService)]
+    [workers] = [child for child in top if isinstance(child, Workers)]
+    assert tftp.reuse_port is True and workers.count == 3
+    [tftp] = [child for child in makeService(parse("--root", str(tmp_path))) if isinstance(child, TFTPOffloadService)]
+    assert tftp.reuse_port is False
 
 
 def test_single_port_reaches_the_service(tmp_path: Path) -> None:
@@ -249,6 +262,12 @@ for number, source in enumerate(sources, 3):
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(sources)), LISTEN_FDNAMES="a:b:c")
 if sys.argv[1] == "function":
     print(json.dumps(inherited_datagram_sockets()))
+elif sys.argv[1] == "workers":
+    try:
+        Options().parseOptions(["--root", "/", "--workers", "2"])
+        print(json.dumps("accepted"))
+    except Exception as e:
+        print(json.dumps(str(e)))
 else:
     options = Options()
     options.parseOptions(["--root", "/"])
@@ -284,3 +303,8 @@ def test_options_take_inherited_sockets_instead_of_the_default_listen() -> None:
     options, left = run_child("options")
     assert options == {"inherited": [[3, socket.AF_INET], [5, socket.AF_INET6]], "listen": []}
     assert left == []
+
+
+def test_workers_refused_with_inherited_sockets() -> None:
+    [message, _left] = run_child("workers")
+    assert "--workers" in message and "systemd" in message

@@ -48,6 +48,8 @@ class TFTPOffloadService(Service):
       use, requests are dropped with a log line (ROMs retry). None: any free port.
     - `single_port`: serve every transfer from the listening port it was asked on,
       told apart by the client's address and port (for firewalls and NAT).
+    - `reuse_port`: bind the listening addresses with SO_REUSEPORT, so that other
+      processes (`--workers`) can bind them too.
     - `reactor`: defaults to the global one, looked up only when the service starts.
     """
 
@@ -64,6 +66,7 @@ class TFTPOffloadService(Service):
         inherited: Sequence[Tuple[int, int]] = (),
         port_range: Optional[Tuple[int, int]] = None,
         single_port: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -76,6 +79,7 @@ class TFTPOffloadService(Service):
         self.inherited = list(inherited)
         self.port_range = port_range
         self.single_port = single_port
+        self.reuse_port = reuse_port
         self.server: Optional[TFTPServer] = None
         self.ports: List[RequestPort] = []
 
@@ -96,7 +100,8 @@ class TFTPOffloadService(Service):
             for host, port in self.listen:
                 # An IPv6 wildcard is dual-stack unless an IPv4 address is also asked for on its port.
                 v6only = (port in v4_ports) if is_ipv6(host) else None
-                listener = RequestPort(port, ListenerProtocol(self.server), host, v6only, reactor=reactor)
+                listener = RequestPort(port, ListenerProtocol(self.server), host, v6only, reactor=reactor,
+                                       reuse_port=self.reuse_port)
                 listener.startListening()
                 self.ports.append(listener)
                 log.info("Serving TFTP on {address}", address=_show(host, listener.getHost().port))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any, Callable, List, Tuple
 
 from twisted.application.service import IService, MultiService, Service
@@ -15,6 +16,7 @@ from .interfaces import IBackend
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
+from .workers import WORKER_ENV, Workers
 
 PROTOCOLS = ("amp", "legacy")
 
@@ -96,6 +98,8 @@ class Options(usage.Options):
         ["rollover", None, 0, "Block number after 65535: 0 or 1.", _number(int, 0, 1, "--rollover")],
         ["max-sessions", None, 1000, "Transfers (and backend lookups) at once; further requests are "
          "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
+        ["workers", None, 1, "Processes serving the same addresses (SO_REUSEPORT: the kernel keeps each "
+         "client with one), for hosts with many cores.", _number(int, 1, 64, "--workers")],
         ["port-range", None, None, "Serve every transfer from a port in LOW:HIGH (for firewalls); when all "
          "are in use, requests are dropped with a log line until one ends (ROMs retry).", parse_port_range],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
@@ -106,6 +110,12 @@ class Options(usage.Options):
         super().__init__()
         self.listen: List[Tuple[str, int]] = []
         self.inherited: List[Tuple[int, int]] = []
+        self.argv: List[str] = []
+        """The arguments as given: --workers starts its workers with them."""
+
+    def parseOptions(self, options: Any = None) -> None:
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, value: str) -> None:
         """HOST:PORT or [IPV6]:PORT to listen on; repeat for more (default: the sockets systemd passed
@@ -125,6 +135,9 @@ class Options(usage.Options):
         self.inherited = inherited_datagram_sockets()
         if not self.listen and not self.inherited:
             self.listen = list(DEFAULT_LISTEN)
+        if self["workers"] > 1 and self.inherited:
+            raise usage.UsageError("--workers needs addresses to bind (--listen): a socket systemd passes "
+                                   "cannot be shared by SO_REUSEPORT")
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
 
@@ -192,7 +205,10 @@ def makeService(options: Options) -> IService:
         inherited=options.inherited,
         port_range=options["port-range"],
         single_port=bool(options["single-port"]),
+        reuse_port=options["workers"] > 1,
     )
     tftp.setServiceParent(top)
+    if options["workers"] > 1 and WORKER_ENV not in os.environ:
+        Workers(options["workers"], options.argv, tftp).setServiceParent(top)  # after tftp: its addresses
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
     return top

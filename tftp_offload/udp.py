@@ -70,8 +70,9 @@ class RequestPort(udp.Port):
     """
 
     def __init__(self, port: int, proto: Any, interface: str = "", v6only: Optional[bool] = None,
-                 maxPacketSize: int = 65536, reactor: Any = None) -> None:
+                 maxPacketSize: int = 65536, reactor: Any = None, reuse_port: bool = False) -> None:
         super().__init__(port, proto, interface, maxPacketSize, reactor)
+        self._reuse_port = reuse_port
         self._v6only = v6only
         self._wildcard = _is_wildcard(interface)
 
@@ -91,6 +92,9 @@ class RequestPort(udp.Port):
         with contextlib.suppress(OSError):
             # A boot storm's RRQs arrive at once; a default buffer holds only a few hundred.
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, REQUEST_RCVBUF)
+        if self._reuse_port:
+            # --workers: each worker binds the same address; the kernel hashes every client to one.
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if self.addressFamily == socket.AF_INET6 and self._v6only is not None:
             skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self._v6only))
         self._enable_ancillary(skt)
