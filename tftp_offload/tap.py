@@ -101,7 +101,7 @@ class Options(usage.Options):
         ["workers", None, 1, "Processes serving the same addresses (SO_REUSEPORT: the kernel keeps each "
          "client with one), for hosts with many cores.", _number(int, 1, 64, "--workers")],
         ["port-range", None, None, "Serve every transfer from a port in LOW:HIGH (for firewalls); when all "
-         "are in use, requests are dropped with a log line until one ends (ROMs retry).", parse_port_range],
+         "are in use, requests are dropped with a log line until one ends (ROMs retry)", parse_port_range],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
     ]
