@@ -51,6 +51,21 @@ def free_udp_port(hosts: Sequence[str] = HOSTS, attempts: int = 50) -> int:
     raise RuntimeError(f"no UDP port free on all of {hosts} after {attempts} attempts")
 
 
+def free_udp_span(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """The first of `count` consecutive UDP port numbers free on `host` right now."""
+    for _ in range(attempts):
+        low = free_udp_port((host,))
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(low, low + count):
+                    held = stack.enter_context(socket.socket(tftp_client.family_of(host), socket.SOCK_DGRAM))
+                    held.bind((host, port))
+            except OSError:
+                continue
+            return low
+    raise RuntimeError(f"no {count} consecutive UDP ports free on {host} after {attempts} attempts")
+
+
 # -------------------------------------------------------------- servers --
 
 

@@ -30,8 +30,8 @@ from zope.interface import implementer
 
 from tftp_offload.errors import FileNotFound
 from tftp_offload.interfaces import IBackend, IReader
+from tftp_offload.mux import TransferSockets
 from tftp_offload.service import TFTPOffloadService
-from tftp_offload.udp import TransferPort
 
 Address = Tuple[str, int]
 
@@ -334,10 +334,11 @@ class Serving:
         self.peers.append(peer)
         return peer
 
-    @staticmethod
-    def open_transfer_ports() -> List[Any]:
-        """Transfer ports the reactor still watches (a closed one is removed at once)."""
-        return [port for port in get_reactor().getReaders() if isinstance(port, TransferPort)]
+    def open_transfer_ports(self) -> List[Any]:
+        """Transfer sockets still open, and a transfer reader the reactor still watches with none open."""
+        open_sockets = [s for service in self.services if service.server for s in service.server.transfers.sockets()]
+        idle_readers = [r for r in get_reactor().getReaders() if isinstance(r, TransferSockets) and not len(r)]
+        return open_sockets + idle_readers
 
     async def settled(self, service: TFTPOffloadService, timeout: float = WAIT) -> None:
         """Wait until `service` has no session and no transfer port open (a final ACK may be in flight)."""

@@ -11,7 +11,7 @@ from typing import List, Optional, Set, Tuple
 
 import pytest
 import tftp_client
-from harness import BIG_FILE, HOSTS, StartServer, TwistdServer
+from harness import BIG_FILE, HOSTS, StartServer, TwistdServer, free_udp_span
 from tftp_client import DATA, ERROR, OACK, Address
 
 
@@ -156,6 +156,49 @@ def test_full_server_drops_requests(twistd_factory: StartServer) -> None:
     finally:
         for sock in socks:
             sock.close()
+    server.assert_healthy()
+
+
+def test_port_range(twistd_factory: StartServer) -> None:
+    """--port-range: every transfer's port is from the range; when all are in use a new RRQ gets
+    no answer (the ROM retries) and a log line; once a transfer ends, the retry is served."""
+    low = free_udp_span(2)
+    server = twistd_factory("--port-range", f"{low}:{low + 1}", "--timeout", "5", hosts=("127.0.0.1",))
+    target = ("127.0.0.1", server.port)
+    socks = [tftp_client.udp_socket("127.0.0.1") for _ in range(3)]
+    try:
+        transfers: List[Address] = []
+        for sock in socks[:2]:  # two transfers that never ACK
+            sock.sendto(tftp_client.rrq(b"1m.bin"), target)
+            transfers.append(first(sock)[1])
+        assert sorted(port for _, port in transfers) == [low, low + 1]
+        socks[2].sendto(tftp_client.rrq(b"1k.bin"), target)
+        assert replies(socks[2], 0.5) == []
+        assert "--port-range is in use" in server.log()
+        socks[0].sendto(tftp_client.error(0, b"bye"), transfers[0])
+        time.sleep(0.1)
+        socks[2].sendto(tftp_client.rrq(b"1k.bin"), target)  # the ROM's retry
+        datagram, addr = first(socks[2])
+        assert datagram[:4] == b"\0\3\0\1" and addr[1] == transfers[0][1]
+        for sock, transfer in ((socks[2], addr), (socks[1], transfers[1])):
+            sock.sendto(tftp_client.error(0, b"bye"), transfer)
+        time.sleep(0.1)
+        result = tftp_client.get("127.0.0.1", server.port, b"1k.bin", deadline=10)
+        assert result.complete and result.data == (server.root / "1k.bin").read_bytes()
+    finally:
+        for sock in socks:
+            sock.close()
+    server.assert_healthy()
+
+
+def test_single_port(twistd_factory: StartServer) -> None:
+    """--single-port: the whole transfer comes from the port the RRQ was sent to (windowed and
+    lock-step)."""
+    server = twistd_factory("--single-port", hosts=("127.0.0.1",))
+    for options in (None, {"blksize": "1468", "windowsize": "16"}):
+        result = tftp_client.get("127.0.0.1", server.port, b"1m.bin", options)
+        assert result.complete and result.data == (server.root / "1m.bin").read_bytes()
+        assert result.server == ("127.0.0.1", server.port) and result.stray == 0
     server.assert_healthy()
 
 

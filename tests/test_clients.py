@@ -364,3 +364,18 @@ def test_fuzz_transfer_port(twistd_factory: StartServer, tmp_path: Path, host: s
         for sock in [client, *strangers]:
             sock.close()
     still_serving(server, tmp_path)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_single_port_with_real_clients(twistd_factory: StartServer, tmp_path: Path, host: str) -> None:
+    """--single-port with curl and tftp-hpa (which take the first reply's port as the server's)."""
+    need("curl")
+    need("tftp")
+    server = twistd_factory("--single-port")
+    want = server.root / "1m.bin"
+    proc = curl_get(server, host, "1m.bin", tmp_path / "curl", "--tftp-blksize", "1468")
+    assert proc.returncode == 0, proc.stderr
+    same_bytes(tmp_path / "curl", want)
+    proc = run(["tftp", "-m", "binary", host, str(server.port), "-c", "get", "1m.bin", str(tmp_path / "hpa")])
+    assert "rror" not in proc.stderr + proc.stdout and "timed out" not in proc.stderr + proc.stdout, proc.stderr
+    same_bytes(tmp_path / "hpa", want)

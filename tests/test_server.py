@@ -34,7 +34,7 @@ from inprocess import (
     sleep,
     until,
 )
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 
 from tftp_offload.errors import AccessViolation, BackendError, FileNotFound, Unsupported
 from tftp_offload.options import Limits
@@ -788,3 +788,40 @@ async def test_finished_sessions_are_freed_without_the_cycle_collector(serve: Se
         assert left == []
     finally:
         gc.enable()
+# ---------------------------------------------------------------- single port --
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_port_serves_every_transfer_from_the_listening_port(serve: Serving) -> None:
+    """--single-port: two transfers at once, each told apart by its client's address, both from
+    the address and port asked (a wildcard listener), and no transfer socket opened."""
+    service = serve(Backend({b"file": FILE, b"large": LARGE}), listen=[("0.0.0.0", 0)], single_port=True)
+    port = port_of(service)
+    target = ("127.0.0.2", port)
+    peers = [serve.peer(), serve.peer()]
+    assert service.server is not None
+    one = ensureDeferred(download(peers[0], target, b"large", {"blksize": "1024", "windowsize": "8"}))
+    two = ensureDeferred(download(peers[1], target, b"file"))
+    await until(lambda: len(service.server.sessions) == 2 or one.called, what="two transfers")
+    assert len(service.server.transfers) == 0
+    for got, data in ((await one, LARGE), (await two, FILE)):
+        assert got.complete and got.data == data
+        assert got.sources == {target} and got.unexpected == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_single_port_stray_ack_gets_error_5(serve: Serving) -> None:
+    service = serve(Backend({b"large": LARGE}), single_port=True)
+    server = ("127.0.0.1", port_of(service))
+    peer, stranger = serve.peer(), serve.peer()
+    peer.send(wire.rrq(b"large"), server)
+    first, source = await peer.recv()
+    assert opcode(first) == wire.DATA and source == server
+    stranger.send(wire.ack(1), server)
+    reply, source = await stranger.recv()
+    assert wire.parse_error(reply)[0] == 5 and source == server
+    # The transfer carries on undisturbed, and its repeated final ACK gets no ERROR 5.
+    data = first[4:] + await lockstep(peer, server, 1)
+    assert data == LARGE
+    peer.send(wire.ack((len(LARGE) // 512 + 1) & 0xFFFF), server)
+    await peer.silence()

@@ -29,6 +29,7 @@ from tftp_offload.guard import GuardLimits
 from tftp_offload.options import Limits
 from tftp_offload.service import DEFAULT_LISTEN, TFTPOffloadService
 from tftp_offload.tap import Options, StopInOrder, makeService, parse_listen
+from tftp_offload.workers import Workers
 
 
 @pytest.fixture(autouse=True)
@@ -136,10 +137,16 @@ def test_option_errors(tmp_path: Path, args: List[str]) -> None:
         ("--max-window-bytes", "1"),
         ("--rollover", "2"),
         ("--max-sessions", "0"),
+        ("--workers", "0"),
         ("--backend-timeout", "61"),
         ("--drain-timeout", "-0.5"),
         ("--max-sessions-per-client", "-1"),
         ("--max-requests-per-second-per-client", "fast"),
+        ("--port-range", "5000"),
+        ("--port-range", "6000:5000"),
+        ("--port-range", "0:10"),
+        ("--port-range", "1:70000"),
+        ("--port-range", "a:b"),
     ],
 )
 def test_bad_numbers_give_one_line(tmp_path: Path, option: str, value: str) -> None:
@@ -164,7 +171,32 @@ def test_make_service(tmp_path: Path) -> None:
     assert tftp.max_sessions == 7
     assert tftp.drain_timeout == 3
     assert tftp.quiet is True
+    assert tftp.port_range is None
     assert not tftp.running
+
+
+def test_port_range_reaches_the_service(tmp_path: Path) -> None:
+    [tftp] = [child for child in makeService(parse("--root", str(tmp_path), "--port-range", "49152:49407"))
+              if isinstance(child, TFTPOffloadService)]
+    assert tftp.port_range == (49152, 49407)
+    assert tftp.single_port is False
+
+
+def test_workers_option(tmp_path: Path) -> None:
+    options = parse("--root", str(tmp_path), "--workers", "3", "--listen", "127.0.0.1:0")
+    assert options.argv == ["--root", str(tmp_path), "--workers", "3", "--listen", "127.0.0.1:0"]
+    top = makeService(options)
+    [tftp] = [child for child in top if isinstance(child, TFTPOffloadService)]
+    [workers] = [child for child in top if isinstance(child, Workers)]
+    assert tftp.reuse_port is True and workers.count == 3
+    [tftp] = [child for child in makeService(parse("--root", str(tmp_path))) if isinstance(child, TFTPOffloadService)]
+    assert tftp.reuse_port is False
+
+
+def test_single_port_reaches_the_service(tmp_path: Path) -> None:
+    [tftp] = [child for child in makeService(parse("--root", str(tmp_path), "--single-port"))
+              if isinstance(child, TFTPOffloadService)]
+    assert tftp.single_port is True
 
 
 def test_make_service_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,6 +317,12 @@ for number, source in enumerate(sources, 3):
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(sources)), LISTEN_FDNAMES="a:b:c")
 if sys.argv[1] == "function":
     print(json.dumps(inherited_datagram_sockets()))
+elif sys.argv[1] == "workers":
+    try:
+        Options().parseOptions(["--root", "/", "--workers", "2"])
+        print(json.dumps("accepted"))
+    except Exception as e:
+        print(json.dumps(str(e)))
 else:
     options = Options()
     options.parseOptions(["--root", "/"])
@@ -409,3 +447,6 @@ def test_metrics_without_the_library_says_what_to_install(tmp_path: Path, monkey
     assert str(caught.value) == ("--metrics needs the prometheus-client library: pip install 'tftp-offload[metrics]' "
                                  "(Debian: apt install python3-prometheus-client)")
     Options().parseOptions(["--root", str(tmp_path)])  # without --metrics nothing needs it
+def test_workers_refused_with_inherited_sockets() -> None:
+    [message, _left] = run_child("workers")
+    assert "--workers" in message and "systemd" in message

@@ -201,17 +201,18 @@ class ReadTransfer:
         packets = self._packets
         block = self._next
         length = len(chunk)
+        view = memoryview(chunk)  # slices of a view are not copies: one copy per block, into its datagram
         if self._rollover == 0:
             for offset in range(0, length - size + 1, size):
-                packets.append(_pack_header(_DATA, block & 0xFFFF) + chunk[offset : offset + size])
+                packets.append(_pack_header(_DATA, block & 0xFFFF) + view[offset : offset + size])
                 block += 1
         else:
             for offset in range(0, length - size + 1, size):
-                packets.append(_pack_header(_DATA, self._wire(block)) + chunk[offset : offset + size])
+                packets.append(_pack_header(_DATA, self._wire(block)) + view[offset : offset + size])
                 block += 1
         if length < wanted:
             # End of file: the rest is the final, short (possibly empty) block.
-            tail = chunk[length - length % size :]
+            tail = view[length - length % size :]
             packets.append(_pack_header(_DATA, self._wire(block)) + tail)
             self._last = block
             self._last_len = len(tail)

@@ -13,9 +13,8 @@ the backend and the reactor. The chain for one request:
 
 from __future__ import annotations
 
-import select
 import time
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -30,6 +29,7 @@ from .engine import Outcome, ReadTransfer
 from .errors import error_for
 from .guard import Guard, GuardLimits
 from .interfaces import IBackend
+from .mux import ListenerTransfer, PortsExhausted, TransferSocket, TransferSockets
 from .options import Limits, negotiate
 from .packets import (
     ErrorCode,
@@ -41,7 +41,7 @@ from .packets import (
 )
 from .readers import NetasciiReader
 from .stats import Stats, report_outcome
-from .udp import Address, RequestPort, TransferPort, is_ipv6, path_mtu, plain_host
+from .udp import Address, RequestPort, is_ipv6, path_mtu, plain_host
 
 log = Logger(namespace="tftp_offload")
 
@@ -82,6 +82,8 @@ class TFTPServer:
         reactor: Any = None,
         quiet: bool = False,
         guard: GuardLimits = GuardLimits(),
+        port_range: Optional[Tuple[int, int]] = None,
+        single_port: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor
@@ -106,6 +108,10 @@ class TFTPServer:
         self.log_starts = False
         """Also log a transfer-start event per transfer (on with --log-format json; the text end line says it all)."""
         self.stats = Stats()
+        self.transfers = TransferSockets(reactor, port_range)
+        """Every transfer's socket, read through one reactor reader."""
+        self.single_port = single_port
+        """Serve every transfer from the listening port, told apart by the client's address."""
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -129,6 +135,9 @@ class TFTPServer:
             self.stats.refuse("not-allowed")
             return
         local = plain_host(local)
+        if self.single_port and data[:2] not in (b"\0\1", b"\0\2") and self._for_transfer(
+                listener, data, client, wire_client, local, arrived):
+            return
         try:
             packet = decode(data)
         except MalformedPacket as e:
@@ -207,10 +216,42 @@ class TFTPServer:
                              client=logs.address(*client), event="dropped", reason="capacity")
             self.stats.refuse("capacity")
             return
+        if self.transfers.exhausted():
+            self.ports_exhausted(packet.filename, client, now)
+            return
         session = Session(self, packet, data, client, wire_client, local, listener, now)
         self.sessions[client] = session
         guard.opened(client[0])
         session.lookup()
+
+    def _for_transfer(self, listener: RequestPort, data: bytes, client: Address, wire_client: Address, local: str,
+                      arrived: float) -> bool:
+        """--single-port: a datagram that is not a request goes to the client's transfer, if it has one.
+
+        An ACK that belongs to no transfer gets ERROR 5 (RFC 1350's unknown
+        transfer ID), unless it is the client whose transfer just completed
+        (a repeated final ACK). Anything else takes the listener's usual path.
+        """
+        session = self.sessions.get(client)
+        port = session._port if session is not None else None
+        if isinstance(port, ListenerTransfer):
+            port.arrived = arrived
+            session.datagramReceived(data, client)  # type: ignore[union-attr]
+            return True
+        if data[:2] == b"\0\4" and client not in self._completed:
+            if self.guard.may_reply(self.reactor.seconds()):
+                listener.reply(UNKNOWN_TID, wire_client, local)
+                self.stats.error_sent(ErrorCode.UNKNOWN_TID)
+            self.stats.refuse("stranger")
+            return True
+        return False
+
+    def ports_exhausted(self, filename: bytes, client: Address, now: float) -> None:
+        self.stats.refuse("capacity")
+        if self.guard.may_log(now):
+            log.warn("Dropped request for {file} from {client}: every port of --port-range is in use; "
+                     "the client will retry", client=logs.address(*client), file=logs.filename(filename),
+                     event="dropped", reason="port-range")
 
     def path_mtu(self, local: str, peer: str) -> Optional[int]:
         key = (local, peer)
@@ -331,7 +372,7 @@ class Session(DatagramProtocol):
         self._armed = 0.0
         """When the transfer's timer is set to fire (compared with the engine's deadline)."""
         self._reading = False
-        self._port: Optional[TransferPort] = None
+        self._port: Union[TransferSocket, ListenerTransfer, None] = None
         self.sent = 0
         """Datagrams sent to the client on the transfer port."""
         self.first_sent: Optional[float] = None
@@ -409,8 +450,15 @@ class Session(DatagramProtocol):
             ipv6 = is_ipv6(self.client[0])
             negotiated = negotiate(request.options, request.mode, size, self.server.limits,
                                    self.server.path_mtu(self.local, self.client[0]), ipv6)
-            port = TransferPort(0, self, self.local, 65536, self.server.reactor)
-            port.startListening()
+            port: Union[TransferSocket, ListenerTransfer]
+            if self.server.single_port:
+                port = ListenerTransfer(self.listener, self.wire_client, self.local)
+            else:
+                port = self.server.transfers.open(self.local, self)
+        except PortsExhausted:
+            self.server.ports_exhausted(request.filename, self.client, self.server.reactor.seconds())
+            self._end(Outcome.REFUSED)
+            return
         except Exception:
             log.failure("Could not start a transfer of {file} to {client}", file=logs.filename(request.filename),
                         client=logs.address(*self.client))
@@ -465,13 +513,10 @@ class Session(DatagramProtocol):
         self._timer = self.server.reactor.callLater(max(deadline - now, 0), self._timed_out)
 
     def _send(self, datagrams: List[bytes]) -> None:
-        send = self._port.send  # type: ignore[union-attr]
-        client = self.client
         if self.first_sent is None and datagrams:  # metrics: RRQ to first datagram
             self.first_sent = self.server.reactor.seconds()
         self.sent += len(datagrams)
-        for datagram in datagrams:
-            send(datagram, client)
+        self._port.send_all(datagrams, self.client)  # type: ignore[union-attr]
 
     def _pump(self, now: float) -> None:
         """Feed the engine what it needs; synchronous readers loop here, Deferred ones call back."""
@@ -587,14 +632,11 @@ class Session(DatagramProtocol):
     def catch_up(self) -> None:
         """Handle the datagrams already waiting at the transfer port, now rather than at the reactor's next turn."""
         port = self._port
-        if port is None:
-            return
-        poller = select.poll()
-        poller.register(port.fileno(), select.POLLIN)
+        if not isinstance(port, TransferSocket):
+            return  # none yet, or --single-port: what the client sent since is read in order behind this request
         for _ in range(64):  # a window's worth of ACKs at most: this is not the hot path
-            if self.outcome is not None or not poller.poll(0):
+            if self.outcome is not None or not port.read_one():
                 return
-            port.doRead()
 
     def fields(self, report: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """The structured fields of this request's log events: plain strings and numbers (docs/operations.md)."""

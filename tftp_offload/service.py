@@ -52,6 +52,12 @@ class TFTPOffloadService(Service):
       More can be added to `observers`, before or after the start.
     - `guard`: per-client session cap and request rate, the allowed client networks, the budgets
       for ERROR replies and refusal log lines (`tftp_offload.guard.GuardLimits`).
+    - `port_range`: (low, high): every transfer's port comes from it; when all are in
+      use, requests are dropped with a log line (ROMs retry). None: any free port.
+    - `single_port`: serve every transfer from the listening port it was asked on,
+      told apart by the client's address and port (for firewalls and NAT).
+    - `reuse_port`: bind the listening addresses with SO_REUSEPORT, so that other
+      processes (`--workers`) can bind them too.
     - `reactor`: defaults to the global one, looked up only when the service starts.
     """
 
@@ -68,6 +74,9 @@ class TFTPOffloadService(Service):
         inherited: Sequence[Tuple[int, int]] = (),
         observer: Optional[Callable[[TransferReport], Any]] = None,
         guard: GuardLimits = GuardLimits(),
+        port_range: Optional[Tuple[int, int]] = None,
+        single_port: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self.backend = backend
         self.listen = list(listen)
@@ -80,6 +89,9 @@ class TFTPOffloadService(Service):
         self.inherited = list(inherited)
         self.observers: List[Callable[[TransferReport], Any]] = [observer] if observer is not None else []
         self.guard = guard
+        self.port_range = port_range
+        self.single_port = single_port
+        self.reuse_port = reuse_port
         self.server: Optional[TFTPServer] = None
         self.log_starts = False
         """Log a transfer-start event for every transfer too (the end event alone says how it went)."""
@@ -90,7 +102,7 @@ class TFTPOffloadService(Service):
         if reactor is None:
             from twisted.internet import reactor
         self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
-                                 self.quiet, self.guard)
+                                 self.quiet, self.guard, self.port_range, self.single_port)
         self.server.log_starts = self.log_starts
         self.server.stats.observers = self.observers  # the same list: observers added later are called too
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
@@ -106,7 +118,8 @@ class TFTPOffloadService(Service):
             for host, port in self.listen:
                 # An IPv6 wildcard is dual-stack unless an IPv4 address is also asked for on its port.
                 v6only = (port in v4_ports) if is_ipv6(host) else None
-                listener = RequestPort(port, ListenerProtocol(self.server), host, v6only, reactor=reactor)
+                listener = RequestPort(port, ListenerProtocol(self.server), host, v6only, reactor=reactor,
+                                       reuse_port=self.reuse_port)
                 listener.startListening()
                 self.ports.append(listener)
                 log.info("Serving TFTP on {address}: {backend}", address=show(host, listener.getHost().port),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any, Callable, List, Optional, Tuple
 
 from twisted.application.service import IService, MultiService, Service
@@ -22,6 +23,7 @@ from .remap import MapFileError, RuleSet
 from .server import LOOKUP_TIMEOUT
 from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
 from .startup import StartupError, check_listen, check_root, fail, failed_to_listen, resolve, version
+from .workers import WORKER_ENV, Workers
 
 PROTOCOLS = ("amp", "legacy")
 
@@ -52,6 +54,19 @@ def parse_listen(text: str) -> Tuple[str, int]:
     return host or "::", int(port)
 
 
+def parse_port_range(text: str) -> Tuple[int, int]:
+    """`LOW:HIGH`, both ports from 1 to 65535, LOW <= HIGH."""
+    low, sep, high = text.partition(":")
+    if not sep or not all(p.isascii() and p.isdigit() for p in (low, high)):
+        raise ValueError(f"--port-range {text!r}: expected LOW:HIGH, e.g. 49152:49407")
+    if not 1 <= int(low) <= int(high) <= 65535:
+        raise ValueError(f"--port-range {text!r}: ports from 1 to 65535, LOW no higher than HIGH")
+    return int(low), int(high)
+
+
+parse_port_range.coerceDoc = "LOW:HIGH, e.g. 49152:49407."  # type: ignore[attr-defined]
+
+
 def _number(kind: Callable[[str], Any], low: float, high: float, name: str,
             doc: Optional[str] = None) -> Callable[[str], Any]:
     def coerce(text: str) -> Any:
@@ -77,6 +92,8 @@ class Options(usage.Options):
     )
     optFlags = [
         ["quiet", "q", "Log only transfers that fail, not every completed one."],
+        ["single-port", None, "Serve every transfer from the port the request came to (69), told apart by "
+         "the client's address and port: for firewalls and NAT that pass only that port."],
     ]
     optParameters = [
         ["root", "r", None, "Serve files from this directory."],
@@ -111,6 +128,10 @@ class Options(usage.Options):
         ["max-requests-per-second-per-client", None, REQUESTS_PER_SECOND_PER_CLIENT, "New transfers one "
          "client address may start a second, with bursts of twice that (0: no limit); more are dropped.",
          _number(float, 0, 1000000, "--max-requests-per-second-per-client")],
+        ["workers", None, 1, "Processes serving the same addresses (SO_REUSEPORT: the kernel keeps each "
+         "client with one), for hosts with many cores.", _number(int, 1, 64, "--workers")],
+        ["port-range", None, None, "Serve every transfer from a port in LOW:HIGH (for firewalls); when all "
+         "are in use, requests are dropped with a log line until one ends (ROMs retry)", parse_port_range],
         ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
          "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
         ["metrics", None, None, "Serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client)."],
@@ -122,6 +143,8 @@ class Options(usage.Options):
         self._listen_text: List[Tuple[str, Tuple[str, int]]] = []
         self.inherited: List[Tuple[int, int]] = []
         self.allow: List[Any] = []
+        self.argv: List[str] = []
+        """The arguments as given: --workers starts its workers with them."""
 
     def opt_listen(self, value: str) -> None:
         """HOST:PORT or [IPV6]:PORT to listen on (a host name means each of its addresses); repeat for
@@ -137,6 +160,7 @@ class Options(usage.Options):
 
     def parseOptions(self, options: Any = None) -> None:
         """Under twistd (a subcommand has a parent), a mistake is one line on stderr and exit status 1."""
+        self.argv = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -177,6 +201,9 @@ class Options(usage.Options):
             self.listen = list(DEFAULT_LISTEN)
             wanted = [(address(host, port), (host, port)) for host, port in self.listen]
         check_listen(wanted)
+        if self["workers"] > 1 and self.inherited:
+            raise usage.UsageError("--workers needs addresses to bind (--listen): a socket systemd passes "
+                                   "cannot be shared by SO_REUSEPORT")
         if self["give-up"] < self["timeout"]:
             raise usage.UsageError("--give-up must be at least --timeout")
         if self["metrics"] is not None:
@@ -361,6 +388,9 @@ def makeService(options: Options) -> IService:
         guard=GuardLimits(max_sessions_per_client=options["max-sessions-per-client"],
                           requests_per_second_per_client=options["max-requests-per-second-per-client"],
                           allow=tuple(options.allow)),
+        port_range=options["port-range"],
+        single_port=bool(options["single-port"]),
+        reuse_port=options["workers"] > 1,
     )
     tftp.log_starts = options["log-format"] == "json"
     tftp.setServiceParent(top)
@@ -370,5 +400,7 @@ def makeService(options: Options) -> IService:
         from .metrics import MetricsService
 
         MetricsService(tftp, options["metrics"]).setServiceParent(top)
+    if options["workers"] > 1 and WORKER_ENV not in os.environ:
+        Workers(options["workers"], options.argv, tftp).setServiceParent(top)  # after tftp: its addresses
     AbortOnSecondSignal(tftp).setServiceParent(top)  # last, so it stops (and arms) first
     return top

@@ -10,17 +10,15 @@ IP_PKTINFO / IPV6_RECVPKTINFO on every datagram, and can send a reply from it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import socket
 import struct
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
-from twisted.internet import base, udp
+from twisted.internet import udp
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -39,8 +37,6 @@ REQUEST_RCVBUF = 4 << 20
 _IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 _TIMESPEC = struct.Struct("@ll")
-_TIMEVAL = struct.Struct("@ll")
-SIOCGSTAMP = 0x8906
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 _ANCILLARY_SPACE = (
     socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size) + socket.CMSG_SPACE(_TIMESPEC.size)
@@ -94,8 +90,9 @@ class RequestPort(udp.Port):
     """
 
     def __init__(self, port: int, proto: Any, interface: str = "", v6only: Optional[bool] = None,
-                 maxPacketSize: int = 65536, reactor: Any = None) -> None:
+                 maxPacketSize: int = 65536, reactor: Any = None, reuse_port: bool = False) -> None:
         super().__init__(port, proto, interface, maxPacketSize, reactor)
+        self._reuse_port = reuse_port
         self._v6only = v6only
         self._wildcard = _is_wildcard(interface)
 
@@ -127,10 +124,20 @@ class RequestPort(udp.Port):
         with contextlib.suppress(OSError):
             # A boot storm's RRQs arrive at once; a default buffer holds only a few hundred.
             skt.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, REQUEST_RCVBUF)
+        if self._reuse_port:
+            # --workers: each worker binds the same address; the kernel hashes every client to one.
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if self.addressFamily == socket.AF_INET6 and self._v6only is not None:
             skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self._v6only))
         self._enable_ancillary(skt)
         return skt
+
+    def getHost(self) -> Any:
+        """As udp.Port's, built once: every request asks (its local port goes to the backend)."""
+        host = self.__dict__.get("_host")
+        if host is None or not self.connected:
+            host = self._host = super().getHost()
+        return host
 
     def _enable_ancillary(self, skt: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -185,93 +192,39 @@ class RequestPort(udp.Port):
 
     def reply(self, datagram: bytes, client: Address, local: str) -> None:
         """Send from `local` (the address the client's request was sent to); losses are not errors."""
+        try:
+            self.reply_all((datagram,), client, local, True)
+        except OSError as e:
+            log.warn("Could not send to {client}: {error}", client=client, error=e)
+
+    def reply_all(self, datagrams: Sequence[bytes], client: Address, local: str, strict: bool = False) -> int:
+        """Send each from `local`, stopping at the first the kernel refuses (raised if `strict`); how many went."""
         if not self.connected:
-            return  # stopped listening: a shutdown's last words are not worth a traceback
+            return 0  # stopped listening: a shutdown's last words are not worth a traceback
+        sent = 0
         try:
             if not self._wildcard:
-                self.socket.sendto(datagram, client)
-            elif self.addressFamily == socket.AF_INET6:
+                for datagram in datagrams:
+                    self.socket.sendto(datagram, client)
+                    sent += 1
+                return sent
+            if self.addressFamily == socket.AF_INET6:
                 host, _, scope = local.partition("%")
                 if "." in host and ":" not in host:
                     host = "::ffff:" + host
                 # A link-local source needs its interface: the client's address carries no scope.
                 ifindex = socket.if_nametoindex(scope) if scope and not scope.isdigit() else int(scope or 0)
                 info = _IN6_PKTINFO.pack(socket.inet_pton(socket.AF_INET6, host), ifindex)
-                self.socket.sendmsg([datagram], [(socket.IPPROTO_IPV6, IPV6_PKTINFO, info)], 0, client)
+                cmsg = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, info)]
             else:
-                info = _IN_PKTINFO.pack(0, socket.inet_aton(local), b"\0" * 4)
-                self.socket.sendmsg([datagram], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, client)
-        except OSError as e:
-            log.warn("Could not send to {client}: {error}", client=client, error=e)
-
-
-class TransferPort(udp.Port):
-    """The ephemeral port of one transfer: bound to the request's local address, never connected.
-
-    Not connected, so that a stray datagram from another (address, port)
-    reaches the protocol and can be answered with ERROR 5 (RFC 1350).
-    One exists per transfer, so it opens and closes without udp.Port's log
-    lines. This is the hot path, so it trims `udp.Port`: `send` skips `write`'s
-    per-call address validation (the peer's address came from the kernel),
-    and `doRead` takes one datagram per readiness event instead of reading
-    until EAGAIN (the reactor polls level-triggered, so nothing waits longer,
-    and a lock-step transfer saves a failing system call and an exception
-    per block).
-    """
-
-    def _bindSocket(self) -> None:
-        # As udp.Port's, less its log line: one port per transfer would log two lines each.
-        try:
-            skt = self.createInternetSocket()
-            skt.bind(bind_address(self.interface, 0))
-        except OSError as e:
-            raise CannotListenError(self.interface, 0, e) from e
-        self._realPortNumber = skt.getsockname()[1]
-        self.connected = 1
-        self.socket = skt
-        self.fileno = skt.fileno  # type: ignore[method-assign]
-        with contextlib.suppress(OSError):  # ENOENT: nothing received yet, as expected
-            # The first SIOCGSTAMP makes the kernel keep each datagram's arrival time.
-            fcntl.ioctl(skt.fileno(), SIOCGSTAMP, bytes(_TIMEVAL.size))
-
-    def last_arrival(self) -> Optional[float]:
-        """When the last datagram read from this port arrived (kernel time, time.time() scale)."""
-        try:
-            seconds, microseconds = _TIMEVAL.unpack(fcntl.ioctl(self.socket.fileno(), SIOCGSTAMP,
-                                                                bytes(_TIMEVAL.size)))
-        except (OSError, AttributeError):
-            return None
-        return seconds + microseconds * 1e-6
-
-    def connectionLost(self, reason: Optional[Failure] = None) -> None:
-        # As udp.Port's, less its log line.
-        self._realPortNumber = None
-        self.maxThroughput = -1
-        base.BasePort.connectionLost(self, reason)
-        self.protocol.doStop()
-        self.socket.close()
-        del self.socket
-        del self.fileno
-
-    def doRead(self) -> None:
-        try:
-            data, addr = self.socket.recvfrom(self.maxPacketSize)
+                cmsg = [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, socket.inet_aton(local), b"\0" * 4))]
+            for datagram in datagrams:
+                self.socket.sendmsg([datagram], cmsg, 0, client)
+                sent += 1
         except OSError:
-            return  # EAGAIN, or an ICMP error for an earlier send: nothing to read
-        if self.addressFamily == socket.AF_INET6:
-            addr = addr[:2]
-        try:
-            self.protocol.datagramReceived(data, addr)
-        except Exception:
-            log.failure("Unhandled error in a transfer with {client}", client=addr)
-
-    def send(self, datagram: bytes, addr: Address) -> bool:
-        """Send; False when the kernel dropped it (a full buffer is loss, which the engine repairs)."""
-        try:
-            self.socket.sendto(datagram, addr)
-            return True
-        except OSError:
-            return False
+            if strict:
+                raise
+        return sent
 
 
 def path_mtu(local: str, peer: str) -> Optional[int]:
