@@ -95,7 +95,8 @@ def parse(*args: str) -> Options:
 
 
 def test_listen_repeats_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted: None)  # [::]:69 may be taken here
+    # [::]:69 may be taken here
+    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted, reuse_port=False: None)
     assert parse("--root", str(tmp_path)).listen == list(DEFAULT_LISTEN)
     options = parse("--root", str(tmp_path), "--listen", "127.0.0.1:1069", "-l", "[::1]:1069")
     assert options.listen == [("127.0.0.1", 1069), ("::1", 1069)]
@@ -200,7 +201,7 @@ def test_single_port_reaches_the_service(tmp_path: Path) -> None:
 
 
 def test_make_service_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted: None)
+    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted, reuse_port=False: None)
     [tftp] = [child for child in makeService(parse("--root", str(tmp_path)))
               if isinstance(child, TFTPOffloadService)]
     assert tftp.listen == list(DEFAULT_LISTEN)
@@ -450,3 +451,11 @@ def test_metrics_without_the_library_says_what_to_install(tmp_path: Path, monkey
 def test_workers_refused_with_inherited_sockets() -> None:
     [message, _left] = run_child("workers")
     assert "--workers" in message and "systemd" in message
+
+
+def test_metrics_with_workers_is_refused(tmp_path: Path) -> None:
+    """Each worker keeps its own counters: one endpoint would show a fraction of the transfers."""
+    with pytest.raises(usage.UsageError) as caught:
+        Options().parseOptions(["--root", str(tmp_path), "--listen", "127.0.0.1:0", "--workers", "2",
+                                "--metrics", "127.0.0.1:0"])
+    assert str(caught.value) == "--metrics counts the transfers of one process: it cannot be used with --workers"

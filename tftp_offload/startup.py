@@ -110,7 +110,7 @@ def listen_failure(text: str, host: str, port: int, error: OSError) -> str:
     return f"--listen {text}: cannot listen on {show(host, port)}: {error.strerror or error}"
 
 
-def check_listen(wanted: Sequence[Tuple[str, Listen]]) -> None:
+def check_listen(wanted: Sequence[Tuple[str, Listen]], reuse_port: bool = False) -> None:
     """Bind each (text, (host, port)) as the service will, all at once, then let go: one line if one fails.
 
     The same IPv6-only rule as `TFTPOffloadService` (a wildcard IPv6 socket
@@ -129,6 +129,8 @@ def check_listen(wanted: Sequence[Tuple[str, Listen]]) -> None:
                 sock = stack.enter_context(socket.socket(family, socket.SOCK_DGRAM))
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(port in v4_ports))
+                if reuse_port:  # --workers: the processes share each address, as the service binds it
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind(bind_address(host, port))  # a link-local scope too
             except OSError as e:
                 raise StartupError(listen_failure(text, host, port, e)) from None

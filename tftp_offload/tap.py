@@ -200,7 +200,9 @@ class Options(usage.Options):
         if not self.listen and not self.inherited:
             self.listen = list(DEFAULT_LISTEN)
             wanted = [(address(host, port), (host, port)) for host, port in self.listen]
-        check_listen(wanted)
+        check_listen(wanted, reuse_port=self["workers"] > 1)
+        if self["workers"] > 1 and self["metrics"] is not None:
+            raise usage.UsageError("--metrics counts the transfers of one process: it cannot be used with --workers")
         if self["workers"] > 1 and self.inherited:
             raise usage.UsageError("--workers needs addresses to bind (--listen): a socket systemd passes "
                                    "cannot be shared by SO_REUSEPORT")
