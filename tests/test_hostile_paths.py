@@ -25,6 +25,7 @@ from tftp_offload.backends.amp import AMPBackend
 from tftp_offload.backends.directory import DirectoryBackend
 from tftp_offload.backends.legacy import LegacyBackend
 from tftp_offload.errors import AccessViolation, error_for
+from tftp_offload.guard import GuardLimits
 from tftp_offload.reference import ReferenceBackend
 from tftp_offload.responder import offload_service
 
@@ -149,7 +150,10 @@ async def test_corpus_through_the_wire(serve: Serving, stack: Tuple[str, Any, Li
         names += [b"path/" + name for name in names]  # its path answers resolve through the directory too
     if kind == "legacy":
         names = [n for n in names if not n.lstrip(b"/").startswith(LEGACY_SKIPS)]
-    service = serve(backend)
+    # One client asks a thousand names in a row, each refused: no per-client or ERROR budget here
+    # (test_abuse checks those); this test is about what each name gets.
+    service = serve(backend, guard=GuardLimits(max_sessions_per_client=0, requests_per_second_per_client=0,
+                                               error_replies_per_second=1_000_000))
     await turn(0.1)  # the AMP connection is made
     before = open_fds()
     problems = await run_corpus(serve, service, names, root)

@@ -42,24 +42,23 @@ MiB = 1 << 20
 
 
 class RecordingPort:
-    """Stands in for a TransferPort: records what the session sends, and when."""
+    """Stands in for a transfer socket (mux.TransferSocket): records what the session sends, and when."""
 
     made: List["RecordingPort"] = []
 
-    def __init__(self, port: int, proto: Any, interface: str, size: int, reactor: Any) -> None:
+    def __init__(self, proto: Any, clock: Any) -> None:
         self.proto = proto
-        self.clock = reactor
+        self.clock = clock
         self.sent: List[Tuple[float, bytes]] = []
         RecordingPort.made.append(self)
-
-    def startListening(self) -> None:
-        pass
 
     def stopListening(self) -> None:
         pass
 
-    def send(self, datagram: bytes, addr: Any) -> None:
-        self.sent.append((self.clock.seconds(), datagram))
+    def send_all(self, datagrams: Any, addr: Any) -> int:
+        now = self.clock.seconds()
+        self.sent.extend((now, datagram) for datagram in datagrams)
+        return len(datagrams)
 
     def last_arrival(self) -> Optional[float]:
         return None
@@ -67,6 +66,19 @@ class RecordingPort:
     def blocks(self) -> List[Tuple[float, int]]:
         """(time, block) of every DATA sent."""
         return [(when, packets.decode(d).block) for when, d in self.sent if d[1] == packets.Opcode.DATA]
+
+
+class RecordingSockets:
+    """Stands in for the server's mux.TransferSockets: the injected port factory."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+
+    def open(self, local: str, protocol: Any) -> RecordingPort:
+        return RecordingPort(protocol, self.clock)
+
+    def exhausted(self) -> bool:
+        return False
 
 
 class Listener:
@@ -92,10 +104,10 @@ class FileBackend:
 def clocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[Tuple[TFTPServer, task.Clock]]:
     """A TFTPServer on a task.Clock whose transfers send into RecordingPorts."""
     RecordingPort.made = []
-    monkeypatch.setattr(server_module, "TransferPort", RecordingPort)
     clock = task.Clock()
     clock.advance(100.0)
     server = TFTPServer(FileBackend(bytes(range(256)) * 40), Limits(timeout=1.0, give_up=30.0), reactor=clock)
+    server.transfers = RecordingSockets(clock)  # type: ignore[assignment]
     monkeypatch.setattr(server, "path_mtu", lambda local, peer: None)
     yield server, clock
     for session in list(server.sessions.values()):
