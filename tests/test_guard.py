@@ -183,3 +183,12 @@ def test_parse_network() -> None:
         parse_network("192.0.2.0/33")
     with pytest.raises(ValueError, match="not a network"):
         parse_network("lab")
+
+
+def test_a_reply_no_larger_than_its_request_spends_no_budget() -> None:
+    """Nothing to amplify: a boot storm's File not found is never withheld; larger replies are."""
+    clock = Clock()
+    guard = Guard(GuardLimits(error_replies_per_second=2), clock)
+    assert all(guard.may_reply(clock.seconds(), 19, 21) for _ in range(1000))
+    larger = [guard.may_reply(clock.seconds(), 63, 10) for _ in range(10)]
+    assert larger.count(True) == 2 and guard.replies_withheld == 8

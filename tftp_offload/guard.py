@@ -11,7 +11,8 @@ this, so that the driver (`server.TFTPServer`) only asks it yes or no:
 - `admit(host, now)`: may this client start one more session
   (`--max-sessions-per-client`, `--max-requests-per-second-per-client`)?
 - `opened(host)` / `closed(host)`: a session began / ended.
-- `may_reply(now)`: one budget for every ERROR sent from a listening port.
+- `may_reply(now, reply, request)`: one budget for every ERROR sent from a listening port that is
+  larger than the datagram it answers (the rest amplify nothing).
 - `may_log(now)`: one budget for the lines about bad or refused traffic; what
   it suppresses is counted and reported in one line every `REPORT_INTERVAL`.
 
@@ -214,8 +215,16 @@ class Guard:
 
     # -- what we send and write -----------------------------------------------------------------
 
-    def may_reply(self, now: float) -> bool:
-        """Whether an ERROR may be sent from a listening port now (one budget for every reason)."""
+    def may_reply(self, now: float, reply: int = 1 << 16, request: int = 0) -> bool:
+        """Whether an ERROR of `reply` bytes, answering a datagram of `request` bytes, may be sent now.
+
+        One that is no larger than what provoked it amplifies nothing (a spoofer gets
+        back at most what it sent) and always goes: a boot storm's "File not found"
+        for PXELINUX's dozen config names per machine must not wait for a budget.
+        Every larger one spends the one budget of the listening ports.
+        """
+        if reply <= request:
+            return True
         if self._replies.take(now):
             return True
         self.replies_withheld += 1

@@ -55,6 +55,7 @@ LOOKUP_TIMEOUT = 4.0
 """Seconds a backend may take to answer; well under a PXE ROM's RRQ retry budget."""
 
 UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
+WRITE_REFUSED = encode_error(ErrorCode.ACCESS_VIOLATION, "Write requests are not supported: this server is read-only")
 
 MTU_CACHE_SIZE = 4096
 
@@ -145,11 +146,11 @@ class TFTPServer:
             if guard.may_log(self.reactor.seconds()):
                 log.info("Malformed datagram from {client}: {reason}", client=logs.address(*client),
                          reason=str(e), event="malformed", outcome=logs.REFUSED if is_request else None)
-            if is_request and guard.may_reply(self.reactor.seconds()):
-                # Someone meant to ask for a file: tell them why not (within a budget, since the
-                # ERROR is larger than the smallest malformed request: no amplifier for spoofers).
-                listener.reply(encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}"),
-                               wire_client, local)
+            refusal = encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}") if is_request else b""
+            if is_request and guard.may_reply(self.reactor.seconds(), len(refusal), len(data)):
+                # Someone meant to ask for a file: tell them why not (within a budget where the
+                # ERROR is larger than the malformed request: no amplifier for spoofers).
+                listener.reply(refusal, wire_client, local)
                 self.stats.error_sent(ErrorCode.ILLEGAL_OPERATION)
             self.stats.refuse("malformed")
             return
@@ -166,10 +167,8 @@ class TFTPServer:
                 log.info("refused write request for {file} from {client}: this server is read-only",
                          client=logs.address(*client), file=logs.filename(packet.filename), event="write-request",
                          outcome=logs.REFUSED, error_code=int(ErrorCode.ACCESS_VIOLATION))
-            if guard.may_reply(self.reactor.seconds()):
-                listener.reply(encode_error(ErrorCode.ACCESS_VIOLATION,
-                                            "Write requests are not supported: this server is read-only"),
-                               wire_client, local)
+            if guard.may_reply(self.reactor.seconds(), len(WRITE_REFUSED), len(data)):
+                listener.reply(WRITE_REFUSED, wire_client, local)
                 self.stats.refuse("wrq", ErrorCode.ACCESS_VIOLATION)
             else:
                 self.stats.refuse("wrq")
@@ -239,7 +238,7 @@ class TFTPServer:
             session.datagramReceived(data, client)  # type: ignore[union-attr]
             return True
         if data[:2] == b"\0\4" and client not in self._completed:
-            if self.guard.may_reply(self.reactor.seconds()):
+            if self.guard.may_reply(self.reactor.seconds(), len(UNKNOWN_TID), len(data)):
                 listener.reply(UNKNOWN_TID, wire_client, local)
                 self.stats.error_sent(ErrorCode.UNKNOWN_TID)
             self.stats.refuse("stranger")
@@ -408,8 +407,9 @@ class Session(DatagramProtocol):
 
         Within the listeners' one reply budget (`Guard.may_reply`), like every ERROR sent from there.
         """
-        if self.server.guard.may_reply(self.server.reactor.seconds()):
-            self.listener.reply(encode_error(code, message), self.wire_client, self.local)
+        error = encode_error(code, message)
+        if self.server.guard.may_reply(self.server.reactor.seconds(), len(error), len(self.raw)):
+            self.listener.reply(error, self.wire_client, self.local)
             self.server.stats.error_sent(code)
 
     def _lookup_timed_out(self) -> None:
