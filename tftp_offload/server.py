@@ -622,7 +622,7 @@ class Session(DatagramProtocol):
             pass  # a refusal before any transfer: its line is within the log budget (a flood is not a log)
         elif not (self.server.quiet and self._shown_outcome(report) in (logs.COMPLETE, logs.PROBE)):
             fields = self.fields(report)
-            log.info(logs.end_format(fields), **fields, event="transfer-end")
+            log.info("{log_text}", log_text=logs.end_text(fields), **fields, event="transfer-end")
         if self.engine is not None:
             self.server.stats.transfer_ended(self, self.server.reactor.seconds())
         # Last: forgetting the last session fires drain()'s Deferred, by which time the reader
