@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
+from inprocess import log_events  # noqa: F401  (fixture)
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from tftp_offload import guard as guard_module
 from tftp_offload.guard import (
@@ -25,14 +25,6 @@ def clock() -> Clock:
     clock = Clock()
     clock.advance(1_000_000)
     return clock
-
-
-@pytest.fixture
-def events() -> Iterator[List[Dict[str, Any]]]:
-    got: List[Dict[str, Any]] = []
-    globalLogPublisher.addObserver(got.append)
-    yield got
-    globalLogPublisher.removeObserver(got.append)
 
 
 def test_bucket_rate_and_burst(clock: Clock) -> None:
@@ -129,28 +121,28 @@ def test_one_reply_budget(clock: Clock) -> None:
     assert amplification < 0.3
 
 
-def test_log_budget_and_suppressed_report(clock: Clock, events: List[Dict[str, Any]]) -> None:
+def test_log_budget_and_suppressed_report(clock: Clock, log_events: List[Dict[str, Any]]) -> None:
     guard = Guard(GuardLimits(log_lines_per_second=10), clock)
     allowed = sum(guard.may_log(clock.seconds()) for _ in range(20_000))
     assert allowed == 10
     assert guard.suppressed == 19_990
-    assert not [e for e in events if e.get("outcome") == "suppressed"]
+    assert not [e for e in log_events if e.get("outcome") == "suppressed"]
     clock.advance(REPORT_INTERVAL)
-    [report] = [e for e in events if e.get("outcome") == "suppressed"]
+    [report] = [e for e in log_events if e.get("outcome") == "suppressed"]
     assert report["count"] == 19_990
     assert guard.suppressed == 0 and not clock.getDelayedCalls()
     clock.advance(1)
     assert guard.may_log(clock.seconds())  # a new second, a new budget
 
 
-def test_stop_reports_and_leaves_no_timer(clock: Clock, events: List[Dict[str, Any]]) -> None:
+def test_stop_reports_and_leaves_no_timer(clock: Clock, log_events: List[Dict[str, Any]]) -> None:
     guard = Guard(GuardLimits(log_lines_per_second=1), clock)
     for _ in range(5):
         guard.may_log(clock.seconds())
     assert clock.getDelayedCalls()
     guard.stop()
     assert not clock.getDelayedCalls()
-    [report] = [e for e in events if e.get("outcome") == "suppressed"]
+    [report] = [e for e in log_events if e.get("outcome") == "suppressed"]
     assert report["count"] == 4
 
 
