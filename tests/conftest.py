@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import pytest
-from harness import (
+
+from tests.support.harness import (
     BIG_FILE,
     BIG_SIZE,
     HOSTS,

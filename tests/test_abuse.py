@@ -10,31 +10,16 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from pathlib import Path
 from typing import Callable, Iterator, List, Tuple
 
 import pytest
-import tftp_client
-from harness import StartServer, TwistdServer
+
+from tests.support import tftp_client
+from tests.support.abuse import CLIENT, RSS_LIMIT_MB, fds, fetch_time, rss_mb
+from tests.support.harness import StartServer, TwistdServer
 
 ATTACKER = "127.0.0.2"
-CLIENT = "127.0.0.1"
-RSS_LIMIT_MB = 150
 Maker = Callable[..., List[socket.socket]]
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
-def fds(pid: int) -> int:
-    return len(list(Path(f"/proc/{pid}/fd").iterdir()))
-
-
 @pytest.fixture
 def attacker_sockets() -> Iterator[Maker]:
     made: List[socket.socket] = []
@@ -60,16 +45,6 @@ def drain_replies(socks: List[socket.socket]) -> List[bytes]:
             while True:
                 got.append(sock.recv(70000))
     return got
-
-
-def fetch_time(server: TwistdServer, name: bytes = b"1k.bin", deadline: float = 20) -> float:
-    """Seconds a legitimate client from CLIENT takes to get `name` whole (it retries every second)."""
-    started = time.monotonic()
-    result = tftp_client.get(CLIENT, server.port, name, {"blksize": "1468"}, timeout=0.5, retries=40,
-                             deadline=deadline)
-    elapsed = time.monotonic() - started
-    assert result.complete and result.data == (server.root / name.decode()).read_bytes(), result.error
-    return elapsed
 
 
 def server_on_v4(twistd_factory: StartServer, *args: str) -> TwistdServer:

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-from service_process import (
+
+from tests.support.service_process import (
     DEBIAN_TWISTD,
     LAUNCHER,
     TWISTD_MAIN,

@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 import pytest_twisted
-from offload_support import FakeBackend, Reader, get_reader, open_fds, read_all, sock_dir, turn, wait_for  # noqa: F401
 from twisted.internet.defer import DeferredList, ensureDeferred, maybeDeferred
 
+from tests.support.offload_support import FakeBackend, Reader, get_reader, open_fds, read_all, sock_dir, turn, wait_for  # noqa: F401
 from tftp_offload import errors
 from tftp_offload.backends import amp as amp_backend
 from tftp_offload.backends.amp import AMPBackend

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-import tftp_client
-from offload_support import short_dir, start_backend, start_server
+
+from tests.support import tftp_client
+from tests.support.offload_support import short_dir, start_backend, start_server
 
 
 @pytest.fixture

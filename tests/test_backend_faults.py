@@ -18,16 +18,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import legacy_responder
 import pytest
 import pytest_twisted
-from inprocess import Serving, download, get_reactor, serve  # noqa: F401  (fixture)
-from offload_support import open_fds, short_dir, turn, wait_for
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.internet.task import deferLater
 from twisted.protocols import amp
 
+from tests.support import legacy_responder
+from tests.support.inprocess import Serving, download, get_reactor, serve  # noqa: F401  (fixture)
+from tests.support.offload_support import open_fds, short_dir, turn, wait_for
 from tftp_offload import offload
 from tftp_offload.backends.amp import AMPBackend
 from tftp_offload.backends.legacy import LegacyBackend

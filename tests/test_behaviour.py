@@ -1,5 +1,5 @@
 """The behaviours the README promises, checked on the wire against a real twistd process
-with the tests' own small client (tests/tftp_client.py). Loopback only."""
+with the tests' own small client (tests/support/tftp_client.py). Loopback only."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import List, Optional, Set, Tuple
 
 import pytest
-import tftp_client
-from harness import BIG_FILE, HOSTS, StartServer, TwistdServer, free_udp_span
-from tftp_client import DATA, ERROR, OACK, Address
+
+from tests.support import tftp_client
+from tests.support.harness import BIG_FILE, HOSTS, StartServer, TwistdServer, free_udp_span
+from tests.support.tftp_client import DATA, ERROR, OACK, Address
 
 
 def replies(sock: socket.socket, seconds: float) -> List[Tuple[bytes, Address]]:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
-import tftp_client
-from harness import BIG_FILE, HOSTS, REPO, StartServer, TwistdServer, url_host
-from tftp_client import Address
 
-LOADGEN = REPO / "tests" / "loadgen.py"
+from tests.support import tftp_client
+from tests.support.harness import BIG_FILE, HOSTS, REPO, StartServer, TwistdServer, url_host
+from tests.support.tftp_client import Address
+
+LOADGEN = REPO / "tests" / "support" / "loadgen.py"
 SMALL = ["1k.bin", "1m.bin"]
 
 
@@ -57,7 +58,7 @@ def curl_get(server: TwistdServer, host: str, name: str, out: Path, *extra: str,
 
 def loadgen(server: TwistdServer, host: str, name: str, *args: str, count: int = 1,
             timeout: float = 240) -> Dict[str, object]:
-    """The project's load generator (tests/loadgen.py): every transfer verified against the served file."""
+    """The project's load generator (tests/support/loadgen.py): every transfer verified against the served file."""
     proc = run([sys.executable, str(LOADGEN), "--host", host, "--port", str(server.port), "--root", str(server.root),
                 "--file", name, "--count", str(count), "--max-time", str(int(timeout - 10)), *args], timeout=timeout)
     lines = proc.stdout.strip().splitlines()

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import List
 
 import pytest
-import tftp_client
-from harness import StartServer
 from twisted.python import context, usage
 from zope.interface.verify import verifyObject
 
+from tests.support import tftp_client
+from tests.support.harness import StartServer
 from tftp_offload.backends.directory import DirectoryBackend
 from tftp_offload.errors import AccessViolation, FileNotFound, Unsupported, error_for
 from tftp_offload.interfaces import IBackend, IReader

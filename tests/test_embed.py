@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import pytest
-import tftp_client
-from harness import REPO, free_udp_port
+
+from tests.support import tftp_client
+from tests.support.harness import REPO, free_udp_port
 
 EXAMPLE = REPO / "examples" / "embed.py"
 

@@ -1,4 +1,4 @@
-"""The sans-I/O read-transfer engine, driven by hand and by a simulated client (tests/sim.py)."""
+"""The sans-I/O read-transfer engine, driven by hand and by a simulated client (tests/support/sim.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sim import QUICK, Harness, Monitor, SimClient, data_blocks, make_engine, wire
 
+from tests.support.sim import QUICK, Harness, Monitor, SimClient, data_blocks, make_engine, wire
 from tftp_offload import engine as engine_module
 from tftp_offload import packets
 from tftp_offload.engine import MAX_BACKOFF, Outcome, ReadTransfer

@@ -17,9 +17,9 @@ import struct
 import time
 from typing import Dict, List, Tuple
 
-import tftp_client
-from harness import StartServer, TwistdServer
-from test_abuse import RSS_LIMIT_MB, fetch_time, rss_mb
+from tests.support import tftp_client
+from tests.support.abuse import RSS_LIMIT_MB, fetch_time, rss_mb
+from tests.support.harness import StartServer, TwistdServer
 
 FUZZ_COUNT = 100_000
 FUZZ_SECONDS = 60.0

@@ -6,9 +6,9 @@ import ipaddress
 from typing import Any, Dict, List
 
 import pytest
-from inprocess import log_events  # noqa: F401  (fixture)
 from twisted.internet.task import Clock
 
+from tests.support.inprocess import log_events  # noqa: F401  (fixture)
 from tftp_offload import guard as guard_module
 from tftp_offload.guard import (
     BURST_SECONDS,

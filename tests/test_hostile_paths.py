@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import legacy_responder
 import pytest
 import pytest_twisted
-from hostile_paths import INSIDE, build, check, corpus
-from inprocess import Serving, download, get_reactor, serve, until  # noqa: F401  (fixture)
-from offload_support import open_fds, short_dir, turn
 
+from tests.support import legacy_responder
+from tests.support.hostile_paths import INSIDE, build, check, corpus
+from tests.support.inprocess import Serving, download, get_reactor, serve, until  # noqa: F401  (fixture)
+from tests.support.offload_support import open_fds, short_dir, turn
 from tftp_offload.backends.amp import AMPBackend
 from tftp_offload.backends.directory import DirectoryBackend
 from tftp_offload.backends.legacy import LegacyBackend

@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
-import legacy_responder
 import pytest
 import pytest_twisted
-import tftp_client as wire
-from harness import REPO, TwistdServer, free_udp_port, twistd_command, wait_until_serving
-from inprocess import (
+from twisted.internet.defer import CancelledError
+from twisted.logger import formatEvent
+from twisted.python import context
+
+from tests.support import legacy_responder
+from tests.support import tftp_client as wire
+from tests.support.harness import REPO, TwistdServer, free_udp_port, twistd_command, wait_until_serving
+from tests.support.inprocess import (
     Serving,
     download,
     events_with,
@@ -34,11 +38,7 @@ from inprocess import (
     serve,  # noqa: F401  (fixture)
     until,
 )
-from legacy_responder import MALFORMED, Responder, render
-from twisted.internet.defer import CancelledError
-from twisted.logger import formatEvent
-from twisted.python import context
-
+from tests.support.legacy_responder import MALFORMED, Responder, render
 from tftp_offload.backends.legacy import (
     INVALID,
     MAX_REPLY,

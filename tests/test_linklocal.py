@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-from harness import REPO, twistd_command
 
+from tests.support.harness import REPO, twistd_command
 from tftp_offload.udp import bind_address
 
 SERVER_ADDR = "fe80::1"

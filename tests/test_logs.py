@@ -16,9 +16,9 @@ import time
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
-import tftp_client
-from harness import REPO, StartServer, TwistdServer
 
+from tests.support import tftp_client
+from tests.support.harness import REPO, StartServer, TwistdServer
 from tftp_offload import logs
 
 HELLO = b"Hello from tftp-offload\n"  # tests/harness.py SMALL_FILES["hello.txt"]

@@ -3,8 +3,8 @@
 - The driver (`Session`) on `task.Clock`, with the transfer port replaced by a
   recorder: when its timer fires, not just what the engine decides.
 - A real path: a `twistd -n tftp-offload` in one network namespace, the client
-  (tests/tftp_client.py) in another, a veth between them and nftables dropping
-  1% and 10% of the datagrams arriving at either end (tests/lossy_path.py).
+  (tests/support/tftp_client.py) in another, a veth between them and nftables dropping
+  1% and 10% of the datagrams arriving at either end (tests/support/lossy_path.py).
 - A relay on loopback that duplicates, reorders and delays datagrams on purpose.
 
 Every transfer must end byte-identical, lock-step and at windows 8 and 64.
@@ -22,12 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import lossy_path
 import pytest
-import tftp_client
-from harness import REPO, Managed, free_udp_port, twistd_command
 from twisted.internet import task
 
+from tests.support import lossy_path, tftp_client
+from tests.support.harness import REPO, Managed, free_udp_port, twistd_command
 from tftp_offload import packets
 from tftp_offload import server as server_module
 from tftp_offload.options import Limits
@@ -251,8 +250,8 @@ def lossy(files: Path, tmp_path_factory: pytest.TempPathFactory,
 
 def fetch_in_client(path: lossy_path.LossyPath, port: int, name: str, options: Dict[str, str],
                     timeout: float = 0.2) -> Dict[str, Any]:
-    """tests/tftp_client.py run in the client namespace; its JSON result."""
-    cmd = path.in_client([sys.executable, str(REPO / "tests" / "tftp_client.py"), lossy_path.SERVER_ADDRESS,
+    """tests/support/tftp_client.py run in the client namespace; its JSON result."""
+    cmd = path.in_client([sys.executable, str(REPO / "tests" / "support" / "tftp_client.py"), lossy_path.SERVER_ADDRESS,
                           str(port), name, "--timeout", str(timeout), "--deadline", "90", "--retries", "100",
                           *[f"--option={k}={v}" for k, v in options.items()]])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, env=environment())

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import pytest
-import tftp_client
-from offload_support import short_dir, start_backend, start_server
-from service_process import Twistd, curl_fetch, start_listening
+
+from tests.support import tftp_client
+from tests.support.offload_support import short_dir, start_backend, start_server
+from tests.support.service_process import Twistd, curl_fetch, start_listening
 
 HOST = "127.0.0.1"
 FILES = {"hello.txt": b"Hello from tftp-offload\n", "k1000.bin": bytes(range(250)) * 4,

@@ -7,8 +7,8 @@ from typing import Any, Dict, Optional
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sim import QUICK
 
+from tests.support.sim import QUICK
 from tftp_offload.options import (
     DEFAULT_BLKSIZE,
     IPV4_OVERHEAD,

@@ -13,11 +13,11 @@ from typing import Any, Dict, List
 
 import pytest
 import pytest_twisted
-from inprocess import log_events  # noqa: F401  (fixture)
-from offload_support import FakeBackend, Reader, get_reader, sock_dir, wait_for  # noqa: F401
 from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 
+from tests.support.inprocess import log_events  # noqa: F401  (fixture)
+from tests.support.offload_support import FakeBackend, Reader, get_reader, sock_dir, wait_for  # noqa: F401
 from tftp_offload import errors
 from tftp_offload.backends.amp import AMPBackend
 from tftp_offload.backends.outage import REMINDER_INTERVAL, Outage, explain

@@ -8,8 +8,8 @@ from typing import Dict
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sim import QUICK
 
+from tests.support.sim import QUICK
 from tftp_offload import packets
 from tftp_offload.packets import (
     Ack,

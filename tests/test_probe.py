@@ -15,8 +15,9 @@ import time
 from typing import Any, Dict, List
 
 import pytest_twisted
-import tftp_client as wire
-from inprocess import (
+
+from tests.support import tftp_client as wire
+from tests.support.inprocess import (
     QUIET,
     Backend,
     Serving,

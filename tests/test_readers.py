@@ -9,11 +9,11 @@ from typing import Any, Callable, List, Optional, Union
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sim import QUICK
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from tests.support.sim import QUICK
 from tftp_offload.interfaces import IReader
 from tftp_offload.readers import BytesReader, FileReader, NetasciiReader, to_netascii
 

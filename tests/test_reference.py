@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
-import tftp_client
-from harness import REPO, TwistdServer, url_host, wait_until_serving
-from offload_support import Process, fd_count, short_dir, start_backend, start_server, vm_hwm_kib
 
+from tests.support import tftp_client
+from tests.support.harness import REPO, TwistdServer, url_host, wait_until_serving
+from tests.support.offload_support import Process, fd_count, short_dir, start_backend, start_server, vm_hwm_kib
 from tftp_offload.reference import pattern, render_grub, render_pxelinux
 
-LOADGEN = REPO / "tests" / "loadgen.py"
+LOADGEN = REPO / "tests" / "support" / "loadgen.py"
 BIG = 300_000
 FIRST_HOST = "127.0.0.1"
 HOSTS = (*(f"127.0.0.{i}" for i in range(1, 9)), "::1")

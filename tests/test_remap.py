@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import List
 
 import pytest
-import tftp_client
-from harness import REPO, StartServer
 
+from tests.support import tftp_client
+from tests.support.harness import REPO, StartServer
 from tftp_offload.errors import AccessViolation, error_for
 from tftp_offload.maptest import main as map_test
 from tftp_offload.remap import MAX_STEPS, MapFileError, Refused, RuleSet, client_macro

@@ -14,10 +14,10 @@ from typing import Any, Awaitable, Callable, Dict, Iterator, List, Sequence, Tup
 
 import pytest
 import pytest_twisted
-from offload_support import FakeBackend, Reader, open_fds, sock_dir, turn, wait_for  # noqa: F401
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.protocols import amp
 
+from tests.support.offload_support import FakeBackend, Reader, open_fds, sock_dir, turn, wait_for  # noqa: F401
 from tftp_offload import errors, offload
 from tftp_offload.offload import CHUNK_MAX, INLINE_MAX
 from tftp_offload.readers import FileReader, PathReader

@@ -15,8 +15,10 @@ from typing import Any, Dict, List
 
 import pytest
 import pytest_twisted
-import tftp_client as wire
-from inprocess import (
+from twisted.internet.defer import Deferred, ensureDeferred, fail
+
+from tests.support import tftp_client as wire
+from tests.support.inprocess import (
     QUIET,
     Backend,
     Reader,
@@ -34,8 +36,6 @@ from inprocess import (
     sleep,
     until,
 )
-from twisted.internet.defer import Deferred, ensureDeferred, fail
-
 from tftp_offload.errors import AccessViolation, BackendError, FileNotFound, Unsupported
 from tftp_offload.options import Limits
 from tftp_offload.service import TFTPOffloadService

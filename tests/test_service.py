@@ -12,9 +12,12 @@ from typing import List, Tuple
 
 import pytest
 import pytest_twisted
-import tftp_client as wire
-from harness import free_udp_port
-from inprocess import (
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
+
+from tests.support import tftp_client as wire
+from tests.support.harness import free_udp_port
+from tests.support.inprocess import (
     Backend,
     Peer,
     Serving,
@@ -26,9 +29,6 @@ from inprocess import (
     sleep,
     until,
 )
-from twisted.internet.defer import Deferred
-from twisted.internet.error import CannotListenError
-
 from tftp_offload.service import TFTPOffloadService
 from tftp_offload.udp import Address
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
-from service_process import (
+
+from tests.support.service_process import (
     DATA,
     ERROR,
     PacedClient,

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Iterator, List, Sequence
 
 import pytest
-from harness import REPO, TwistdServer, free_udp_port, twistd_command, wait_until_serving
 from twisted.python import usage
 
+from tests.support.harness import REPO, TwistdServer, free_udp_port, twistd_command, wait_until_serving
 from tftp_offload import __version__, startup
 from tftp_offload.tap import Options
 

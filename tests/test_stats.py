@@ -10,8 +10,9 @@ from typing import Any, Dict, List
 
 import pytest
 import pytest_twisted
-import tftp_client as wire
-from inprocess import (
+
+from tests.support import tftp_client as wire
+from tests.support.inprocess import (
     Backend,
     Reader,
     ReportingReader,
@@ -22,7 +23,6 @@ from inprocess import (
     serve,  # noqa: F401  (fixture)
     until,
 )
-
 from tftp_offload.stats import OUTCOMES, Histogram, TransferReport, report_outcome
 
 FILE = os.urandom(3000)

@@ -17,8 +17,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import pytest_twisted
-import tftp_client as wire
-from inprocess import (
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import deferLater
+from twisted.python import context
+
+from tests.support import tftp_client as wire
+from tests.support.inprocess import (
     Serving,
     download,
     events_with,
@@ -26,9 +30,6 @@ from inprocess import (
     log_events,  # noqa: F401  (fixture)
     serve,  # noqa: F401  (fixture)
 )
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import deferLater
-from twisted.python import context
 
 Events = List[Dict[str, Any]]
 

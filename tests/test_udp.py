@@ -16,9 +16,9 @@ from typing import Any, List, Tuple
 
 import pytest
 import pytest_twisted
-from harness import free_udp_span
-from inprocess import get_reactor, until
 
+from tests.support.harness import free_udp_span
+from tests.support.inprocess import get_reactor, until
 from tftp_offload.mux import PortsExhausted, TransferSockets
 
 

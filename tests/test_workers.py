@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import List
 
 import pytest
-import tftp_client
-from harness import StartServer, TwistdServer
 
+from tests.support import tftp_client
+from tests.support.harness import StartServer, TwistdServer
 from tftp_offload.workers import listen_args, without_listen
 
 

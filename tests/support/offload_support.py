@@ -18,11 +18,19 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import pytest
-from harness import REPO, Managed, TwistdServer, free_udp_port, listen_arg, twistd_command, wait_until_serving
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import context
 from zope.interface import implementer
 
+from tests.support.harness import (
+    REPO,
+    Managed,
+    TwistdServer,
+    free_udp_port,
+    listen_arg,
+    twistd_command,
+    wait_until_serving,
+)
 from tftp_offload.interfaces import IBackend
 
 Answer = Union[Any, Exception, Callable[[], Any]]

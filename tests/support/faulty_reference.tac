@@ -1,4 +1,4 @@
-"""`twistd -n -y tests/faulty_reference.tac`: the reference backend plus failure injection, for tests only.
+"""`twistd -n -y tests/support/faulty_reference.tac`: the reference backend plus failure injection, for tests only.
 
 Failure injection does not belong in the reference backend that ships (a production twistd plugin);
 it lives here. The reference backend's own options come from the environment variable

@@ -20,7 +20,6 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tu
 
 import pytest
 import pytest_twisted
-import tftp_client as wire
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import deferLater
@@ -28,6 +27,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python import context
 from zope.interface import implementer
 
+from tests.support import tftp_client as wire
 from tftp_offload.errors import FileNotFound
 from tftp_offload.interfaces import IBackend, IReader
 from tftp_offload.mux import TransferSockets

@@ -179,7 +179,7 @@ def get(
 
 
 def main(argv: Optional[list] = None) -> int:
-    """`python tests/tftp_client.py HOST PORT NAME [--option NAME=VALUE]... [--timeout S]`: one download,
+    """`python tests/support/tftp_client.py HOST PORT NAME [--option NAME=VALUE]... [--timeout S]`: one download,
     then one JSON line on stdout: complete, error, bytes, sha256, seconds. For running a client where
     the test process cannot be (inside a network namespace: `ip netns exec NS python ...`)."""
     import argparse

@@ -7,7 +7,7 @@ This does that with the standard library only (no compiler, nothing from outside
 and independently of the code under test: packets are built and parsed with
 `struct` here.
 
-    python3 tests/loadgen.py --host 127.0.0.1 --port 6969 --file 1m.bin \\
+    python3 tests/support/loadgen.py --host 127.0.0.1 --port 6969 --file 1m.bin \\
         --root /srv/tftp --blksize 1468 --windowsize 16 --tsize --concurrency 8 --count 100
 
 prints one JSON object: {"ok", "failed", "verify_fail", "bytes", "verified",

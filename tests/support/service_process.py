@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
-from harness import Managed
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.harness import Managed
+
+REPO = Path(__file__).resolve().parents[2]
 
 # What systemd does before it execs a socket-activated service: the listening socket is
 # descriptor 3 (SD_LISTEN_FDS_START), LISTEN_FDS counts the descriptors, LISTEN_PID names
