@@ -1,0 +1,110 @@
+"""A backend lookup bounded in time: what the driver, the offload responder and the AMP client share.
+
+`get_reader` may answer at once, with a Deferred, or never. Whoever asks waits at most
+`timeout` seconds, but the backend's Deferred is never cancelled: cancelling one that cannot
+really be cancelled (`deferToThread`'s) drops the reader it produces later, unfinished, and
+the file stays open. So the deadline is a timer of our own, and a reader that arrives after
+the asker has stopped waiting (timed out, or gone) is finished here.
+
+A backend that answers synchronously (the directory backend) costs no Deferred and no timer:
+the per-request path of a boot storm is a budget in microseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python import context
+from twisted.python.failure import Failure
+
+log = Logger(namespace="tftp_offload.lookup")
+
+
+class LookupTimeout(Exception):
+    """The backend did not answer within the lookup's deadline."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"backend lookup: no answer in {timeout:g} s")
+        self.timeout = timeout
+
+
+def finish_reader(reader: Any) -> None:
+    """`finish()` a reader nobody will use; a backend's failure here is logged, never raised."""
+    try:
+        reader.finish()
+    except Exception:
+        log.failure("reader.finish() failed")
+
+
+class BoundedLookup:
+    """One wait for a reader, which ends exactly once: with a reader, a failure, or `LookupTimeout`.
+
+    `on_reader(reader)` or `on_failure(failure)` is called at most once, and not at all after
+    `abandon()`. The answer may come from calling the backend (`call`) or be handed in by
+    whoever has it (`resolve` / `reject`, with `arm` to start the deadline): the AMP client
+    shares one backend answer among several waiting requests.
+    """
+
+    __slots__ = ("_clock", "_on_failure", "_on_reader", "_timeout", "_timer", "done")
+
+    def __init__(self, clock: IReactorTime, timeout: float, on_reader: Callable[[Any], object],
+                 on_failure: Callable[[Failure], object]) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._on_reader = on_reader
+        self._on_failure = on_failure
+        self._timer: Optional[IDelayedCall] = None
+        self.done = False
+        """True once the wait has ended (answered, failed, timed out or abandoned)."""
+
+    def call(self, get_reader: Callable[..., Any], *args: Any, ctx: Optional[Dict[str, Any]] = None) -> None:
+        """Ask the backend: `get_reader(*args)`, inside `twisted.python.context` keys `ctx` if given."""
+        try:
+            result = get_reader(*args) if ctx is None else context.call(ctx, get_reader, *args)
+        except Exception:
+            self.reject(Failure())
+            return
+        if isinstance(result, Deferred):
+            self.arm()
+            result.addCallbacks(self.resolve, self.reject)
+        else:
+            self.resolve(result)
+
+    def arm(self) -> None:
+        """Start the deadline (once; not after the wait has ended)."""
+        if self._timer is None and not self.done:
+            self._timer = self._clock.callLater(self._timeout, self._expire)
+
+    def resolve(self, reader: Any) -> None:
+        """The backend's reader: to `on_reader`, or finished if nobody is waiting any more."""
+        if self.done:
+            finish_reader(reader)
+            return
+        self._end()
+        self._on_reader(reader)
+
+    def reject(self, failure: Failure) -> None:
+        """The backend failed: to `on_failure`, or dropped (it holds no reader) if nobody is waiting."""
+        if self.done:
+            return
+        self._end()
+        self._on_failure(failure)
+
+    def abandon(self) -> None:
+        """Stop waiting: no callback will run, and a reader that still arrives is finished."""
+        self._end()
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.done:
+            self.done = True
+            self._on_failure(Failure(LookupTimeout(self._timeout)))
+
+    def _end(self) -> None:
+        self.done = True
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
