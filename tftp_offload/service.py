@@ -112,7 +112,9 @@ class TFTPOffloadService(Service):
                  "drain_timeout": drain_timeout, "guard": guard, "port_range": port_range,
                  "single_port": single_port, "reuse_port": reuse_port}
         overrides: Dict[str, Any] = {name: value for name, value in given.items() if value is not None}
-        self.config: ServerConfig = replace(config or ServerConfig(), **overrides)
+        self.config: ServerConfig = ServerConfig() if config is None else config
+        if overrides:
+            self.config = replace(self.config, **overrides)
         self.backend = backend
         self.listen = list(listen)
         self._reactor = reactor
