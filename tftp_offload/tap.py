@@ -13,7 +13,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from . import config as bounds
+from . import config
 from .activation import inherited_datagram_sockets
 from .backends.directory import PER_CLIENT, DirectoryBackend
 from .config import LOOKUP_TIMEOUT, ServerConfig, lookup_timeout_for
@@ -101,22 +101,22 @@ class Options(usage.Options):
         ["protocol", None, None, f"What the --socket backend speaks: {' or '.join(PROTOCOLS)} "
          "(the MAAS 2.2-3.4 offload format). [default: amp]"],
         ["backend-timeout", None, None, "Seconds a --socket backend may take to answer a request; "
-         f"then the client gets an error. [default: {LOOKUP_TIMEOUT}]", _number(bounds.BACKEND_TIMEOUT_RANGE)],
+         f"then the client gets an error. [default: {LOOKUP_TIMEOUT}]", _number(config.BACKEND_TIMEOUT_RANGE)],
         ["max-blksize", None, DEFAULTS.limits.max_blksize, "Largest block size granted (RFC 2348); the path MTU "
          "also caps it.", _number(MAX_BLKSIZE_RANGE)],
         ["max-windowsize", None, DEFAULTS.limits.max_windowsize, "Largest window granted, in blocks (RFC 7440).",
          _number(MAX_WINDOWSIZE_RANGE)],
         ["max-window-bytes", None, DEFAULTS.limits.max_window_bytes, "Largest window granted, in bytes in flight.",
-         _number(bounds.MAX_WINDOW_BYTES_RANGE)],
+         _number(config.MAX_WINDOW_BYTES_RANGE)],
         ["timeout", "t", DEFAULTS.limits.timeout, "When the client sets no timeout (RFC 2349): seconds before the "
          "first retransmission, and the most the timeout learnt from the transfer's round trips (10 ms over them "
          "at least) may be; it doubles on each retry, up to 8.", _number(TIMEOUT_RANGE)],
         ["give-up", None, DEFAULTS.limits.give_up, "Seconds without progress after which a transfer is abandoned "
-         "(then, not at the next retry).", _number(bounds.GIVE_UP_RANGE, f"From the --timeout value to "
-                                                   f"{bounds.GIVE_UP_RANGE.high:g}.")],
+         "(then, not at the next retry).",
+         _number(config.GIVE_UP_RANGE, f"From the --timeout value to {config.GIVE_UP_RANGE.high:g}.")],
         ["rollover", None, DEFAULTS.limits.rollover, "Block number after 65535: 0 or 1.", _number(ROLLOVER_RANGE)],
         ["max-sessions", None, DEFAULTS.max_sessions, "Transfers (and backend lookups) at once; further requests "
-         "are dropped, with a log line, until one ends (ROMs retry).", _number(bounds.MAX_SESSIONS_RANGE)],
+         "are dropped, with a log line, until one ends (ROMs retry).", _number(config.MAX_SESSIONS_RANGE)],
         ["map-file", "m", None, "With --root: rewrite requested names by the rules in this file (tftpd-hpa's "
          "--map-file syntax; reread on SIGHUP). Try them with tftp-offload-map-test."],
         ["root-per-client", None, None, "With --root: 'ip' serves ROOT/<client address>/ first, then ROOT/; "
@@ -125,16 +125,16 @@ class Options(usage.Options):
          "every structured field, transfer-start events too; for jq). Written where twistd's --logfile says."],
         ["max-sessions-per-client", None, DEFAULTS.guard.max_sessions_per_client, "Transfers one client "
          "address may run at once (0: no limit); more from it are dropped until one ends. Raise it for many "
-         "machines behind one NAT address.", _number(bounds.MAX_SESSIONS_PER_CLIENT_RANGE)],
+         "machines behind one NAT address.", _number(config.MAX_SESSIONS_PER_CLIENT_RANGE)],
         ["max-requests-per-second-per-client", None, DEFAULTS.guard.requests_per_second_per_client, "New "
          "transfers one client address may start a second, with bursts of twice that (0: no limit); more are "
-         "dropped.", _number(bounds.REQUESTS_PER_SECOND_PER_CLIENT_RANGE)],
+         "dropped.", _number(config.REQUESTS_PER_SECOND_PER_CLIENT_RANGE)],
         ["workers", None, 1, "Processes serving the same addresses (SO_REUSEPORT: the kernel keeps each "
          "client with one), for hosts with many cores.", _number(WORKERS_RANGE)],
         ["port-range", None, None, "Serve every transfer from a port in LOW:HIGH (for firewalls); when all "
          "are in use, requests are dropped with a log line until one ends (ROMs retry)", parse_port_range],
         ["drain-timeout", None, DEFAULTS.drain_timeout, "On shutdown, seconds running transfers get to finish "
-         "before they are aborted.", _number(bounds.DRAIN_TIMEOUT_RANGE)],
+         "before they are aborted.", _number(config.DRAIN_TIMEOUT_RANGE)],
         ["metrics", None, None, "Serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client)."],
     ]
 
