@@ -31,7 +31,10 @@ DEFAULT_LISTEN: Tuple[Tuple[str, int], ...] = (("::", 69),)
 
 
 def _setting(name: str) -> Any:
-    """`service.<name>`: the `config` field of that name; setting it replaces `config` (checked again)."""
+    """`service.<name>`: the `config` field of that name; setting it replaces `config` (checked again).
+
+    A started server keeps the config it was made with; `drain_timeout` is read when the service stops.
+    """
 
     def get(self: "TFTPOffloadService") -> Any:
         return getattr(self.config, name)
@@ -39,7 +42,7 @@ def _setting(name: str) -> Any:
     def set(self: "TFTPOffloadService", value: Any) -> None:
         self.config = replace(self.config, **{name: value})
 
-    return property(get, set, doc=f"`config.{name}`; assigning it (before the start) replaces `config`.")
+    return property(get, set, doc=f"`config.{name}`; assigning it replaces `config`.")
 
 
 class TFTPOffloadService(Service):
@@ -75,7 +78,8 @@ class TFTPOffloadService(Service):
     - `reuse_port`: bind the listening addresses with SO_REUSEPORT, so that other
       processes (`--workers`) can bind them too.
 
-    Each field can also be read (and, before the start, set) as an attribute: `service.max_sessions`.
+    Each field can also be read and set as an attribute (`service.drain_timeout = 0`); the server
+    takes the config as it is when the service starts.
     """
 
     limits = _setting("limits")
