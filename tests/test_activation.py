@@ -1,23 +1,30 @@
-"""Socket activation: a twistd process started on an inherited UDP socket serves transfers.
+"""Socket activation: which inherited descriptors are served, and a twistd process started on one.
 
 systemd (tftp-offload.socket) binds port 69 itself and execs the service with the socket as
-descriptor 3, LISTEN_FDS=1 and LISTEN_PID set, still in blocking mode. These tests hand a
-real `twistd -n tftp-offload` a socket exactly that way (a small launcher, and systemd's own
-`systemd-socket-activate` where installed) and fetch from it with curl, byte for byte.
+descriptor 3, LISTEN_FDS=1 and LISTEN_PID set, still in blocking mode. The first tests are
+`activation.py`'s own: in this process descriptors from 3 up belong to pytest and the reactor,
+so they only probe (probing changes nothing) and check that our own socket is among the
+answers; the exact numbering is checked in a child process that owns its descriptors. The
+rest hand a real `twistd -n tftp-offload` a socket exactly as systemd does (a small launcher,
+and systemd's own `systemd-socket-activate` where installed) and fetch from it with curl,
+byte for byte.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 
+from tests.support.inherit import run_child
 from tests.support.service_process import (
     DEBIAN_TWISTD,
     LAUNCHER,
@@ -30,6 +37,98 @@ from tests.support.service_process import (
     servers,  # noqa: F401  (fixture)
     start_inherited,
 )
+from tftp_offload.activation import _as_executed, inherited_datagram_sockets
+
+
+@pytest.fixture
+def udp_socket() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    yield sock
+    sock.close()
+
+
+def test_inherited_meant_for_another_process(udp_socket: socket.socket) -> None:
+    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": str(udp_socket.fileno())}
+    assert inherited_datagram_sockets(env) == []
+
+
+@pytest.mark.parametrize("fds", ["", "two", "-1", "0"])
+def test_inherited_no_or_bad_count(fds: str) -> None:
+    assert inherited_datagram_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": fds}) == []
+
+
+def test_inherited_nothing_passed() -> None:
+    assert inherited_datagram_sockets({}) == []
+
+
+def test_inherited_finds_a_udp_socket_and_leaves_it_open(udp_socket: socket.socket) -> None:
+    fd = udp_socket.fileno()
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(max(fd, tcp.fileno()) - 2)}
+        found = inherited_datagram_sockets(env)
+        assert (fd, socket.AF_INET) in found
+        assert tcp.fileno() not in [f for f, _ in found]
+        for other, family in found:  # whatever else this process holds: only UDP sockets
+            probe = socket.socket(fileno=other)
+            try:
+                assert probe.type == socket.SOCK_DGRAM and probe.family == family
+            finally:
+                probe.detach()
+        # Probing detached: the sockets are still open and usable.
+        assert udp_socket.getsockname()[0] == "127.0.0.1"
+        os.fstat(tcp.fileno())
+    finally:
+        tcp.close()
+
+
+def test_inherited_clears_the_environment_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_FDNAMES", "tftp")
+    assert inherited_datagram_sockets() == []
+    assert not {"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"} & set(os.environ)
+
+
+def test_inherited_systemd_numbering_in_a_child_process() -> None:
+    found, left = run_child("function")
+    assert found == [[3, socket.AF_INET], [5, socket.AF_INET6]]
+    assert left == []
+
+
+def test_the_environment_as_executed(tmp_path: Path) -> None:
+    """/proc/self/environ's format: NUL-separated NAME=VALUE; only the LISTEN_* variables are taken."""
+    environ = tmp_path / "environ"
+    environ.write_bytes(b"PATH=/usr/bin\0LISTEN_FDS=2\0LISTEN_PID=7\0LISTEN_FDNAMES=tftp:tftp6\0X=LISTEN_FDS=9\0")
+    assert _as_executed(str(environ)) == {"LISTEN_FDS": "2", "LISTEN_PID": "7", "LISTEN_FDNAMES": "tftp:tftp6"}
+    assert _as_executed(str(tmp_path / "missing")) == {}  # not Linux: nothing found
+
+
+AFTER_REMOVAL = """
+import json, os, socket
+import twisted.internet.endpoints  # Twisted 23 and later: removes LISTEN_FDS and LISTEN_PID from os.environ
+for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+    os.environ.pop(name, None)  # as it does, whichever Twisted this is
+from tftp_offload.activation import inherited_datagram_sockets
+print(json.dumps([inherited_datagram_sockets(), inherited_datagram_sockets()]))
+"""
+
+
+def test_sockets_are_found_once_after_something_removed_the_variables() -> None:
+    """The variables were removed from os.environ before we looked (twistd importing
+    twisted.internet.endpoints does that): the socket is still found, from the environment the
+    process was executed with, and only by the first look (sd_listen_fds(unset=1) semantics)."""
+    sock = bound_socket("127.0.0.1")
+    try:
+        done = subprocess.run([sys.executable, "-c", LAUNCHER, str(sock.fileno()), sys.executable, "-c",
+                               AFTER_REMOVAL], pass_fds=(sock.fileno(),), env=environment(), check=False,
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        sock.close()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[[3, socket.AF_INET]], []]
+
 
 FILES = {"boot.img": 3_000_000, "grub.cfg": 700}
 

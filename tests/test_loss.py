@@ -29,6 +29,7 @@ from tests.support import lossy_path, tftp_client
 from tests.support.harness import REPO, Managed, free_udp_port, twistd_command
 from tftp_offload import packets
 from tftp_offload import server as server_module
+from tftp_offload.config import ServerConfig
 from tftp_offload.options import Limits
 from tftp_offload.readers import BytesReader
 from tftp_offload.server import TFTPServer
@@ -105,7 +106,8 @@ def clocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[Tuple[TFTPServer, task.
     RecordingPort.made = []
     clock = task.Clock()
     clock.advance(100.0)
-    server = TFTPServer(FileBackend(bytes(range(256)) * 40), Limits(timeout=1.0, give_up=30.0), reactor=clock)
+    server = TFTPServer(FileBackend(bytes(range(256)) * 40), ServerConfig(limits=Limits(timeout=1.0, give_up=30.0)),
+                        reactor=clock)
     server.transfers = RecordingSockets(clock)  # type: ignore[assignment]
     monkeypatch.setattr(server, "path_mtu", lambda local, peer: None)
     yield server, clock

@@ -29,6 +29,8 @@ from tests.support.inprocess import (
     sleep,
     until,
 )
+from tftp_offload.config import ServerConfig
+from tftp_offload.options import Limits
 from tftp_offload.service import TFTPOffloadService
 from tftp_offload.udp import Address
 
@@ -231,3 +233,51 @@ async def test_inherited_socket_serves(serve: Serving, family: int, bind: str, t
     await sleep(0)
     with pytest.raises(OSError):
         os.fstat(fd)  # closed with the service
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_keywords_and_config_make_one_server_config() -> None:
+    """The keywords are ServerConfig's fields: given ones override `config`, the rest come from it."""
+    default = TFTPOffloadService(Backend({}))
+    assert default.config == ServerConfig()
+    base = ServerConfig(max_sessions=7, quiet=True, drain_timeout=3.0)
+    service = TFTPOffloadService(Backend({}), config=base, max_sessions=9, limits=Limits(max_windowsize=4),
+                                 port_range=(49152, 49407), single_port=True)
+    assert service.config == ServerConfig(max_sessions=9, quiet=True, drain_timeout=3.0,
+                                          limits=Limits(max_windowsize=4), port_range=(49152, 49407),
+                                          single_port=True)
+    assert (service.max_sessions, service.quiet, service.drain_timeout, service.limits.max_windowsize) == \
+        (9, True, 3.0, 4)
+    positional = TFTPOffloadService(Backend({}), [("127.0.0.1", 0)], Limits(rollover=1), 5, 2.5)
+    assert (positional.limits.rollover, positional.max_sessions, positional.lookup_timeout) == (1, 5, 2.5)
+
+
+def test_a_bad_keyword_is_a_value_error_naming_the_option() -> None:
+    with pytest.raises(ValueError) as caught:
+        TFTPOffloadService(Backend({}), max_sessions=0)
+    assert str(caught.value) == "--max-sessions must be from 1 to 1000000, not 0"
+    with pytest.raises(ValueError, match=r"^--max-window-bytes must be from 512 "):
+        TFTPOffloadService(Backend({}), config=ServerConfig(), limits=Limits(max_window_bytes=100))
+
+
+def test_setting_an_attribute_replaces_the_config_checked_again() -> None:
+    service = TFTPOffloadService(Backend({}))
+    service.drain_timeout = 0
+    service.log_starts = True
+    assert service.config == ServerConfig(drain_timeout=0, log_starts=True)
+    with pytest.raises(ValueError, match=r"^--drain-timeout must be from 0.0 to 3600.0, not -1$"):
+        service.drain_timeout = -1
+    assert service.drain_timeout == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_server_gets_the_service_config(serve: Serving) -> None:
+    service = serve(Backend({b"file": FILE}), listen=[("127.0.0.1", 0)], max_sessions=3, quiet=True,
+                    lookup_timeout=2.0)
+    server = service.server
+    assert server is not None and server.config is service.config
+    assert (server.max_sessions, server.quiet, server.lookup_timeout) == (3, True, 2.0)
+    got = await download(serve.peer("127.0.0.1"), ("127.0.0.1", port_of(service)))
+    assert got.complete and got.data == FILE

@@ -118,8 +118,13 @@ def test_listen_without_a_port(tmp_path: Path, root: Path, value: str, named: st
         (["--root", "{root}/missing"], "is not a directory"),
         (["--root", "{root}", "--log-format", "xml"], "--log-format must be text or json"),
         ([], "give exactly one of --root DIR"),
+        (["--root", "{root}", "--timeout", "0"], "--timeout must be from 0.01 to 255.0, not 0.0"),
+        (["--root", "{root}", "--max-window-bytes", "100"], "--max-window-bytes must be from 512 to 1073741824"),
+        (["--root", "{root}", "--timeout", "5", "--give-up", "2"], "--give-up must be at least --timeout"),
+        (["--root", "{root}", "--port-range", "6000:5000"], "--port-range 6000:5000: ports from 1 to 65535"),
     ],
-    ids=["unknown-option", "root-with-legacy", "root-with-backend-timeout", "missing-root", "log-format", "neither"],
+    ids=["unknown-option", "root-with-legacy", "root-with-backend-timeout", "missing-root", "log-format", "neither",
+         "timeout-range", "window-bytes-range", "give-up-below-timeout", "port-range-order"],
 )
 def test_usage_errors_are_one_line_without_the_option_list(tmp_path: Path, root: Path, args: List[str],
                                                           says: str) -> None:

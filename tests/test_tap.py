@@ -1,30 +1,25 @@
-"""twistd wiring (tap.py, activation.py): --listen parsing, option checks, the service tree
-makeService builds, and which inherited descriptors (systemd socket activation) are served.
-
-`inherited_datagram_sockets` probes descriptors from 3 upward. In this process those belong
-to pytest and the reactor, so the in-process tests only probe (probing changes nothing) and
-check that our own socket is among the answers; the exact numbering (3, 4, 5...) is checked
-in a child process that owns its descriptors. (tests/test_activation.py runs real twistd
-processes on inherited sockets.)
+"""twistd wiring (tap.py): --listen parsing, option checks, the service tree makeService builds,
+and what the options do with inherited descriptors (systemd socket activation; activation.py's
+own tests are in tests/test_activation.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
 import pytest
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from tftp_offload.activation import inherited_datagram_sockets
+from tests.support.inherit import run_child
 from tftp_offload.backends.directory import DirectoryBackend
+from tftp_offload.config import LOOKUP_TIMEOUT, ServerConfig, lookup_timeout_for
 from tftp_offload.guard import GuardLimits
 from tftp_offload.options import Limits
 from tftp_offload.service import DEFAULT_LISTEN, TFTPOffloadService
@@ -176,6 +171,37 @@ def test_make_service(tmp_path: Path) -> None:
     assert not tftp.running
 
 
+def test_options_build_one_server_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """postOptions builds (and checks) the ServerConfig; makeService hands that very object to the service."""
+    monkeypatch.setattr("tftp_offload.tap.check_listen", lambda wanted, reuse_port=False: None)
+    options = parse("--root", str(tmp_path))
+    assert options.config == ServerConfig(lookup_timeout=lookup_timeout_for(LOOKUP_TIMEOUT))
+    [tftp] = [child for child in makeService(options) if isinstance(child, TFTPOffloadService)]
+    assert tftp.config is options.config
+    options = parse("--socket", str(tmp_path / "backend.sock"), "--backend-timeout", "2", "--log-format", "json",
+                    "--single-port", "--max-sessions-per-client", "0")
+    assert options.config.lookup_timeout == 3.0  # the backend client's 2 s answers first
+    assert options.config.log_starts and options.config.single_port
+    assert options.config.guard == GuardLimits(max_sessions_per_client=0)
+
+
+def test_option_defaults_and_ranges_are_the_config_s() -> None:
+    """The help's [default: X] and "From LOW to HIGH." come from ServerConfig and its Ranges."""
+    defaults = Options()
+    config = ServerConfig()
+    assert (defaults["max-blksize"], defaults["max-windowsize"], defaults["max-window-bytes"], defaults["timeout"],
+            defaults["give-up"], defaults["rollover"]) == dataclasses.astuple(config.limits)
+    assert (defaults["max-sessions"], defaults["drain-timeout"]) == (config.max_sessions, config.drain_timeout)
+    assert (defaults["max-sessions-per-client"], defaults["max-requests-per-second-per-client"]) == \
+        (config.guard.max_sessions_per_client, config.guard.requests_per_second_per_client)
+    docs = {name: getattr(coerce, "coerceDoc", None) for name, _, _, _, coerce in
+            (entry + [None] * (5 - len(entry)) for entry in Options.optParameters)}
+    assert docs["timeout"] == "From 0.01 to 255.0."
+    assert docs["max-window-bytes"] == "From 512 to 1073741824."
+    assert docs["give-up"] == "From the --timeout value to 3600."
+    assert docs["workers"] == "From 1 to 64."
+
+
 def test_port_range_reaches_the_service(tmp_path: Path) -> None:
     [tftp] = [child for child in makeService(parse("--root", str(tmp_path), "--port-range", "49152:49407"))
               if isinstance(child, TFTPOffloadService)]
@@ -250,109 +276,6 @@ def test_backend_stops_after_the_drain(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------- socket activation --
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def udp_socket() -> Iterator[socket.socket]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    yield sock
-    sock.close()
-
-
-def test_inherited_meant_for_another_process(udp_socket: socket.socket) -> None:
-    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": str(udp_socket.fileno())}
-    assert inherited_datagram_sockets(env) == []
-
-
-@pytest.mark.parametrize("fds", ["", "two", "-1", "0"])
-def test_inherited_no_or_bad_count(fds: str) -> None:
-    assert inherited_datagram_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": fds}) == []
-
-
-def test_inherited_nothing_passed() -> None:
-    assert inherited_datagram_sockets({}) == []
-
-
-def test_inherited_finds_a_udp_socket_and_leaves_it_open(udp_socket: socket.socket) -> None:
-    fd = udp_socket.fileno()
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(max(fd, tcp.fileno()) - 2)}
-        found = inherited_datagram_sockets(env)
-        assert (fd, socket.AF_INET) in found
-        assert tcp.fileno() not in [f for f, _ in found]
-        for other, family in found:  # whatever else this process holds: only UDP sockets
-            probe = socket.socket(fileno=other)
-            try:
-                assert probe.type == socket.SOCK_DGRAM and probe.family == family
-            finally:
-                probe.detach()
-        # Probing detached: the sockets are still open and usable.
-        assert udp_socket.getsockname()[0] == "127.0.0.1"
-        os.fstat(tcp.fileno())
-    finally:
-        tcp.close()
-
-
-def test_inherited_clears_the_environment_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
-    monkeypatch.setenv("LISTEN_FDS", "1")
-    monkeypatch.setenv("LISTEN_FDNAMES", "tftp")
-    assert inherited_datagram_sockets() == []
-    assert not {"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"} & set(os.environ)
-
-
-CHILD = r"""
-import fcntl, json, os, sys
-from tftp_offload.activation import inherited_datagram_sockets
-from tftp_offload.tap import Options
-
-# What systemd does: the passed sockets become descriptors 3, 4, 5 (blocking, as they come).
-sources = [fcntl.fcntl(int(fd), fcntl.F_DUPFD, 100) for fd in sys.argv[2:]]
-for number, source in enumerate(sources, 3):
-    os.dup2(source, number, inheritable=False)
-    os.close(source)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(sources)), LISTEN_FDNAMES="a:b:c")
-if sys.argv[1] == "function":
-    print(json.dumps(inherited_datagram_sockets()))
-elif sys.argv[1] == "workers":
-    try:
-        Options().parseOptions(["--root", "/", "--workers", "2"])
-        print(json.dumps("accepted"))
-    except Exception as e:
-        print(json.dumps(str(e)))
-else:
-    options = Options()
-    options.parseOptions(["--root", "/"])
-    print(json.dumps({"inherited": options.inherited, "listen": options.listen}))
-print(json.dumps(sorted(k for k in os.environ if k.startswith("LISTEN_"))))
-"""
-
-
-def run_child(mode: str) -> list:
-    """Run CHILD with a UDP v4, a TCP and a UDP v6 socket as descriptors 3, 4 and 5."""
-    v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    with v4, tcp, v6:
-        v4.bind(("127.0.0.1", 0))
-        v6.bind(("::1", 0))
-        fds = [v4.fileno(), tcp.fileno(), v6.fileno()]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        done = subprocess.run([sys.executable, "-c", CHILD, mode, *map(str, fds)], pass_fds=fds, env=env,
-                              capture_output=True, text=True, timeout=30, check=False)
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
-
-
-def test_inherited_systemd_numbering_in_a_child_process() -> None:
-    found, left = run_child("function")
-    assert found == [[3, socket.AF_INET], [5, socket.AF_INET6]]
-    assert left == []
 
 
 def test_options_take_inherited_sockets_instead_of_the_default_listen() -> None:
@@ -448,6 +371,8 @@ def test_metrics_without_the_library_says_what_to_install(tmp_path: Path, monkey
     assert str(caught.value) == ("--metrics needs the prometheus-client library: pip install 'tftp-offload[metrics]' "
                                  "(Debian: apt install python3-prometheus-client)")
     Options().parseOptions(["--root", str(tmp_path)])  # without --metrics nothing needs it
+
+
 def test_workers_refused_with_inherited_sockets() -> None:
     [message, _left] = run_child("workers")
     assert "--workers" in message and "systemd" in message

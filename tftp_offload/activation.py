@@ -1,37 +1,48 @@
 """systemd socket activation: the listening sockets a service manager hands over.
 
 With a `.socket` unit (`ListenDatagram=69`), systemd binds port 69 itself and
-starts us with the descriptors from 3 up (`LISTEN_FDS`, `LISTEN_PID`); we need
-no privilege to bind. The protocol is simple enough that reading it here beats
-depending on a library for it (and Twisted 22.4 has no named-descriptor API).
+starts us with the descriptors from 3 up (`LISTEN_FDS`, `LISTEN_PID`, see
+sd_listen_fds(3)); we need no privilege to bind. The protocol is simple enough
+that reading it here beats depending on a library for it (Twisted's
+`twisted.python.systemd.ListenFDs` reads the same variables, but only from
+`os.environ`, where they may already be gone: see `_as_executed`).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from twisted.logger import Logger
 
 log = Logger(namespace="tftp_offload")
 
 SD_LISTEN_FDS_START = 3
+VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+_taken_by: Set[int] = set()
+"""The process (its PID) that already took the sockets it was started with: a second look finds none."""
 
 
 def inherited_datagram_sockets(environ: Optional[Mapping[str, str]] = None) -> List[Tuple[int, int]]:
     """(fd, address family) of each UDP socket passed to this process, and clear the variables.
 
     The variables are cleared (as sd_listen_fds(unset=1) does) so that a child
-    process does not try to adopt the same descriptors.
+    process does not try to adopt the same descriptors, nor this one twice.
+    `environ` (for tests) is read instead of the process's environment.
     """
-    env: Dict[str, str] = dict(os.environ if environ is None else environ)
     if environ is None:
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env: Dict[str, str] = {name: os.environ[name] for name in VARIABLES if name in os.environ}
+        if "LISTEN_FDS" not in env and os.getpid() not in _taken_by:
+            env = _as_executed()
+        _taken_by.add(os.getpid())
+        for name in VARIABLES:
             os.environ.pop(name, None)
+    else:
+        env = dict(environ)
     if "LISTEN_FDS" not in env:
-        return _udp_sockets(_taken_by_twisted()) if environ is None else []
+        return []
     if env.get("LISTEN_PID") not in (None, str(os.getpid())):
         # Meant for another process (we were started by the one they were for).
         log.info("Not adopting sockets passed to process {listen_pid} (this is {pid})",
@@ -45,20 +56,29 @@ def inherited_datagram_sockets(environ: Optional[Mapping[str, str]] = None) -> L
     return _udp_sockets(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count))
 
 
-def _taken_by_twisted() -> List[int]:
-    """The descriptors Twisted's `systemd:` endpoint parser took, with the variables, on import.
+def _as_executed(path: str = "/proc/self/environ") -> Dict[str, str]:
+    """The LISTEN_* variables this process was started with, even where something has removed them since.
 
-    Importing twisted.internet.endpoints reads LISTEN_FDS and removes it from
-    the environment (Twisted 23 and later), and twistd imports it before our
-    options are parsed whenever it rebuilds its plugin cache. What it read is
-    kept on the parser class (a private name, hence the care).
+    Importing twisted.internet.endpoints removes LISTEN_FDS and LISTEN_PID from
+    `os.environ` (Twisted 23 and later: its `systemd:` endpoint parser takes
+    them, and keeps what it read on a private attribute only), and twistd
+    imports it before our options are parsed whenever it rebuilds its plugin
+    cache. /proc/self/environ is the environment execve(2) gave the process,
+    which later changes to the environment do not alter (proc(5)): there the
+    variables are still ours to read. Elsewhere than Linux there is no such
+    file, and nothing found.
     """
-    endpoints = sys.modules.get("twisted.internet.endpoints")
-    daemon = getattr(getattr(endpoints, "_SystemdParser", None), "_sddaemon", None)
     try:
-        return list(daemon.inheritedDescriptors()) if daemon is not None else []
-    except Exception:
-        return []
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        return {}
+    found = {}
+    for entry in data.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if sep and name.decode("ascii", "replace") in VARIABLES:
+            found[name.decode("ascii")] = value.decode("utf-8", "replace")
+    return found
 
 
 def _udp_sockets(fds: Iterable[int]) -> List[Tuple[int, int]]:

@@ -26,8 +26,46 @@ IPV6_OVERHEAD = 40 + 8 + 4
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a setting may take, both ends included, and the twistd option that sets it.
+
+    Declared once per setting (here for `Limits`, in `tftp_offload.config` for
+    the rest) and used for the check, the error message and the option's help
+    text alike, so that they cannot disagree.
+    """
+
+    option: str
+    """What the error names: the twistd option (embedders' keywords are the same words)."""
+    low: float
+    high: float
+    kind: type = int
+    """int or float: how the ends are shown ("from 1 to 64", "from 0.01 to 255.0")."""
+
+    def describe(self) -> str:
+        return f"from {self.kind(str(self.low))} to {self.kind(str(self.high))}"
+
+    def check(self, value: float) -> None:
+        """ValueError naming the option and the range unless `value` is in it (NaN never is)."""
+        if not self.low <= value <= self.high or (self.kind is int and value != int(value)):
+            raise ValueError(f"{self.option} must be {self.describe()}, not {value}")
+
+
+MAX_BLKSIZE_RANGE = Range("--max-blksize", MIN_BLKSIZE, MAX_BLKSIZE)
+MAX_WINDOWSIZE_RANGE = Range("--max-windowsize", 1, MAX_WINDOWSIZE)
+TIMEOUT_RANGE = Range("--timeout", 0.01, 255, float)
+"""10 ms at least (the engine's floor for a learnt timeout, `engine.MIN_RTO`); RFC 2349's 255 at most."""
+ROLLOVER_RANGE = Range("--rollover", 0, 1)
+
+
+@dataclass(frozen=True)
 class Limits:
-    """Server-side caps, set by the operator."""
+    """Server-side caps, set by the operator.
+
+    What is checked here is what negotiation and the engine need to be right.
+    `tftp_offload.config.ServerConfig` narrows two of them to what an operator
+    may set (`--max-window-bytes` from 512, `--give-up` up to an hour); tests
+    of the engine use the wider values.
+    """
 
     max_blksize: int = MAX_BLKSIZE
     max_windowsize: int = 64
@@ -41,18 +79,14 @@ class Limits:
     """Block number after 65535: 0 (what most clients expect) or 1."""
 
     def __post_init__(self) -> None:
-        if not MIN_BLKSIZE <= self.max_blksize <= MAX_BLKSIZE:
-            raise ValueError(f"max blksize must be {MIN_BLKSIZE}..{MAX_BLKSIZE}")
-        if not 1 <= self.max_windowsize <= MAX_WINDOWSIZE:
-            raise ValueError(f"max windowsize must be 1..{MAX_WINDOWSIZE}")
-        if self.max_window_bytes < 1:
-            raise ValueError("max window bytes must be positive")
-        if not 0 < self.timeout <= 255:
-            raise ValueError("timeout must be more than 0 and at most 255 seconds")
-        if self.give_up < self.timeout:
-            raise ValueError("give-up time must be at least the timeout")
-        if self.rollover not in (0, 1):
-            raise ValueError("rollover must be 0 or 1")
+        MAX_BLKSIZE_RANGE.check(self.max_blksize)
+        MAX_WINDOWSIZE_RANGE.check(self.max_windowsize)
+        if not self.max_window_bytes >= 1:  # fewer bytes than a block: a window of one block
+            raise ValueError(f"--max-window-bytes must be positive, not {self.max_window_bytes}")
+        TIMEOUT_RANGE.check(self.timeout)
+        if not self.give_up >= self.timeout:
+            raise ValueError("--give-up must be at least --timeout")
+        ROLLOVER_RANGE.check(self.rollover)
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ from twisted.python import context
 from twisted.python.failure import Failure
 
 from . import logs
+from .config import LOOKUP_TIMEOUT, ServerConfig  # noqa: F401  (LOOKUP_TIMEOUT: backends/legacy.py imports it from here)
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
-from .guard import Guard, GuardLimits
+from .guard import Guard
 from .interfaces import IBackend
 from .mux import ListenerTransfer, PortsExhausted, TransferSocket, TransferSockets
-from .options import Limits, negotiate
+from .options import negotiate
 from .packets import (
     ErrorCode,
     MalformedPacket,
@@ -50,9 +51,6 @@ DUPLICATE_WINDOW = 2.0
 
 PXE ROMs resend an RRQ within milliseconds and race the duplicates; a
 second transfer would make two sessions fight over one client port."""
-
-LOOKUP_TIMEOUT = 4.0
-"""Seconds a backend may take to answer; well under a PXE ROM's RRQ retry budget."""
 
 UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
 WRITE_REFUSED = encode_error(ErrorCode.ACCESS_VIOLATION, "Write requests are not supported: this server is read-only")
@@ -74,28 +72,18 @@ _PER_CLIENT = {
 class TFTPServer:
     """What all listening ports share: the backend, the limits and the table of sessions."""
 
-    def __init__(
-        self,
-        backend: IBackend,
-        limits: Limits = Limits(),
-        max_sessions: int = 1000,
-        lookup_timeout: float = LOOKUP_TIMEOUT,
-        reactor: Any = None,
-        quiet: bool = False,
-        guard: GuardLimits = GuardLimits(),
-        port_range: Optional[Tuple[int, int]] = None,
-        single_port: bool = False,
-    ) -> None:
+    def __init__(self, backend: IBackend, config: ServerConfig = ServerConfig(), reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.backend = backend
-        self.limits = limits
-        self.max_sessions = max_sessions
-        self.lookup_timeout = lookup_timeout
+        self.config = config
+        self.limits = config.limits
+        self.max_sessions = config.max_sessions
+        self.lookup_timeout = config.lookup_timeout
         self.reactor = reactor
         self.sessions: Dict[Address, Session] = {}
         self._mtus: Dict[Tuple[str, str], Optional[int]] = {}
-        self.guard = Guard(guard, reactor)
+        self.guard = Guard(config.guard, reactor)
         """Per-client limits, the --allow list, and the budgets for ERROR replies and refusal log lines."""
         self._full = False
         """Whether --max-sessions was reached (logged once, until a session ends)."""
@@ -104,14 +92,14 @@ class TFTPServer:
         self.accepting = True
         self._drained: Optional[Deferred] = None
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
-        self.quiet = quiet
+        self.quiet = config.quiet
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
-        self.log_starts = False
+        self.log_starts = config.log_starts
         """Also log a transfer-start event per transfer (on with --log-format json; the text end line says it all)."""
         self.stats = Stats()
-        self.transfers = TransferSockets(reactor, port_range)
+        self.transfers = TransferSockets(reactor, config.port_range)
         """Every transfer's socket, read through one reactor reader."""
-        self.single_port = single_port
+        self.single_port = config.single_port
         """Serve every transfer from the listening port, told apart by the client's address."""
 
     # -- requests ---------------------------------------------------------------------------

@@ -9,16 +9,18 @@ MAAS's rack controller implements). No twistd, no socket, no subprocess.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+from .config import DRAIN_TIMEOUT, LOOKUP_TIMEOUT, ServerConfig  # noqa: F401  (the constants: part of this API)
 from .guard import GuardLimits
 from .logs import address as show
 from .options import Limits
-from .server import LOOKUP_TIMEOUT, ListenerProtocol, TFTPServer
+from .server import ListenerProtocol, TFTPServer
 from .stats import TransferReport
 from .udp import RequestPort, is_ipv6, plain_host
 
@@ -28,8 +30,19 @@ DEFAULT_LISTEN: Tuple[Tuple[str, int], ...] = (("::", 69),)
 """Every address, IPv4 and IPv6, on the TFTP port: one dual-stack socket."""
 
 
-DRAIN_TIMEOUT = 10.0
-"""Seconds running transfers may take to finish once the service is stopping."""
+def _setting(name: str) -> Any:
+    """`service.<name>`: the `config` field of that name; setting it replaces `config` (checked again).
+
+    A started server keeps the config it was made with; `drain_timeout` is read when the service stops.
+    """
+
+    def get(self: "TFTPOffloadService") -> Any:
+        return getattr(self.config, name)
+
+    def set(self: "TFTPOffloadService", value: Any) -> None:
+        self.config = replace(self.config, **{name: value})
+
+    return property(get, set, doc=f"`config.{name}`; assigning it replaces `config`.")
 
 
 class TFTPOffloadService(Service):
@@ -39,6 +52,16 @@ class TFTPOffloadService(Service):
       it need not declare our interface, which is why the hint is `Any`.
     - `listen`: (host, port) pairs; "::" is every address, IPv4 included.
       Port 0 picks a free port: `addresses()` tells which.
+    - `reactor`: defaults to the global one, looked up only when the service starts.
+    - `inherited`: (fd, family) of bound UDP sockets to adopt (socket activation).
+    - `observer`: called with a `tftp_offload.stats.TransferReport` as each
+      transfer ends (on the reactor thread; an exception it raises is logged).
+      More can be added to `observers`, before or after the start.
+    - `config`: a `tftp_offload.config.ServerConfig`, every limit and default
+      (`ServerConfig()` when not given). The keywords below are its fields, for
+      callers that name one or two; one given overrides `config`'s (None: as
+      `config` says). Out of range, any of them raises ValueError naming the
+      twistd option that sets it.
     - `limits`: blksize/windowsize caps, retransmission timeout, give-up time,
       rollover (`tftp_offload.options.Limits`).
     - `max_sessions`: transfers and backend lookups at once; more requests are
@@ -46,10 +69,6 @@ class TFTPOffloadService(Service):
     - `lookup_timeout`: seconds a backend may take before the client is told.
     - `quiet`: log only transfers that fail.
     - `drain_timeout`: on stop, seconds running transfers get to finish.
-    - `inherited`: (fd, family) of bound UDP sockets to adopt (socket activation).
-    - `observer`: called with a `tftp_offload.stats.TransferReport` as each
-      transfer ends (on the reactor thread; an exception it raises is logged).
-      More can be added to `observers`, before or after the start.
     - `guard`: per-client session cap and request rate, the allowed client networks, the budgets
       for ERROR replies and refusal log lines (`tftp_offload.guard.GuardLimits`).
     - `port_range`: (low, high): every transfer's port comes from it; when all are in
@@ -58,52 +77,61 @@ class TFTPOffloadService(Service):
       told apart by the client's address and port (for firewalls and NAT).
     - `reuse_port`: bind the listening addresses with SO_REUSEPORT, so that other
       processes (`--workers`) can bind them too.
-    - `reactor`: defaults to the global one, looked up only when the service starts.
+
+    Each field can also be read and set as an attribute (`service.drain_timeout = 0`); the server
+    takes the config as it is when the service starts.
     """
+
+    limits = _setting("limits")
+    max_sessions = _setting("max_sessions")
+    lookup_timeout = _setting("lookup_timeout")
+    quiet = _setting("quiet")
+    drain_timeout = _setting("drain_timeout")
+    guard = _setting("guard")
+    port_range = _setting("port_range")
+    single_port = _setting("single_port")
+    reuse_port = _setting("reuse_port")
+    log_starts = _setting("log_starts")
+    """Log a transfer-start event for every transfer too (the end event alone says how it went)."""
 
     def __init__(
         self,
         backend: Any,
         listen: Sequence[Tuple[str, int]] = DEFAULT_LISTEN,
-        limits: Limits = Limits(),
-        max_sessions: int = 1000,
-        lookup_timeout: float = LOOKUP_TIMEOUT,
+        limits: Optional[Limits] = None,
+        max_sessions: Optional[int] = None,
+        lookup_timeout: Optional[float] = None,
         reactor: Any = None,
-        quiet: bool = False,
-        drain_timeout: float = DRAIN_TIMEOUT,
+        quiet: Optional[bool] = None,
+        drain_timeout: Optional[float] = None,
         inherited: Sequence[Tuple[int, int]] = (),
         observer: Optional[Callable[[TransferReport], Any]] = None,
-        guard: GuardLimits = GuardLimits(),
+        guard: Optional[GuardLimits] = None,
         port_range: Optional[Tuple[int, int]] = None,
-        single_port: bool = False,
-        reuse_port: bool = False,
+        single_port: Optional[bool] = None,
+        reuse_port: Optional[bool] = None,
+        config: Optional[ServerConfig] = None,
     ) -> None:
+        given = {"limits": limits, "max_sessions": max_sessions, "lookup_timeout": lookup_timeout, "quiet": quiet,
+                 "drain_timeout": drain_timeout, "guard": guard, "port_range": port_range,
+                 "single_port": single_port, "reuse_port": reuse_port}
+        overrides: Dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+        self.config: ServerConfig = ServerConfig() if config is None else config
+        if overrides:
+            self.config = replace(self.config, **overrides)
         self.backend = backend
         self.listen = list(listen)
-        self.limits = limits
-        self.max_sessions = max_sessions
-        self.lookup_timeout = lookup_timeout
         self._reactor = reactor
-        self.quiet = quiet
-        self.drain_timeout = drain_timeout
         self.inherited = list(inherited)
         self.observers: List[Callable[[TransferReport], Any]] = [observer] if observer is not None else []
-        self.guard = guard
-        self.port_range = port_range
-        self.single_port = single_port
-        self.reuse_port = reuse_port
         self.server: Optional[TFTPServer] = None
-        self.log_starts = False
-        """Log a transfer-start event for every transfer too (the end event alone says how it went)."""
         self.ports: List[RequestPort] = []
 
     def startService(self) -> None:
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor
-        self.server = TFTPServer(self.backend, self.limits, self.max_sessions, self.lookup_timeout, reactor,
-                                 self.quiet, self.guard, self.port_range, self.single_port)
-        self.server.log_starts = self.log_starts
+        self.server = TFTPServer(self.backend, self.config, reactor)
         self.server.stats.observers = self.observers  # the same list: observers added later are called too
         v4_ports = {port for host, port in self.listen if not is_ipv6(host)}
         try:

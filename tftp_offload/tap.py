@@ -13,19 +13,23 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
+from . import config
 from .activation import inherited_datagram_sockets
 from .backends.directory import PER_CLIENT, DirectoryBackend
-from .guard import MAX_SESSIONS_PER_CLIENT, REQUESTS_PER_SECOND_PER_CLIENT, GuardLimits, parse_network
+from .config import LOOKUP_TIMEOUT, ServerConfig, lookup_timeout_for
+from .guard import GuardLimits, parse_network
 from .interfaces import IBackend
 from .logs import address, json_observer
-from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
+from .options import MAX_BLKSIZE_RANGE, MAX_WINDOWSIZE_RANGE, ROLLOVER_RANGE, TIMEOUT_RANGE, Limits, Range
 from .remap import MapFileError, RuleSet
-from .server import LOOKUP_TIMEOUT
-from .service import DEFAULT_LISTEN, DRAIN_TIMEOUT, TFTPOffloadService
+from .service import DEFAULT_LISTEN, TFTPOffloadService
 from .startup import StartupError, check_listen, check_root, fail, failed_to_listen, resolve, version
 from .workers import WORKER_ENV, Workers
 
 PROTOCOLS = ("amp", "legacy")
+WORKERS_RANGE = Range("--workers", 1, 64)
+DEFAULTS = ServerConfig()
+"""Where the options' defaults come from (the help shows them as [default: X])."""
 
 log = Logger(namespace="tftp_offload")
 
@@ -55,30 +59,26 @@ def parse_listen(text: str) -> Tuple[str, int]:
 
 
 def parse_port_range(text: str) -> Tuple[int, int]:
-    """`LOW:HIGH`, both ports from 1 to 65535, LOW <= HIGH."""
+    """`LOW:HIGH` (the ports' range is `ServerConfig`'s to check)."""
     low, sep, high = text.partition(":")
     if not sep or not all(p.isascii() and p.isdigit() for p in (low, high)):
         raise ValueError(f"--port-range {text!r}: expected LOW:HIGH, e.g. 49152:49407")
-    if not 1 <= int(low) <= int(high) <= 65535:
-        raise ValueError(f"--port-range {text!r}: ports from 1 to 65535, LOW no higher than HIGH")
     return int(low), int(high)
 
 
 parse_port_range.coerceDoc = "LOW:HIGH, e.g. 49152:49407."  # type: ignore[attr-defined]
 
 
-def _number(kind: Callable[[str], Any], low: float, high: float, name: str,
-            doc: Optional[str] = None) -> Callable[[str], Any]:
+def _number(bound: Range, doc: Optional[str] = None) -> Callable[[str], Any]:
+    """The option's parser: a number of the range's kind. The range is checked with the rest, in postOptions."""
+
     def coerce(text: str) -> Any:
         try:
-            value = kind(text)
+            return bound.kind(text)
         except ValueError:
-            raise ValueError(f"{name} must be a number, not {text!r}") from None
-        if not low <= value <= high:
-            raise ValueError(f"{name} must be from {kind(str(low))} to {kind(str(high))}, not {text}")
-        return value
+            raise ValueError(f"{bound.option} must be a number, not {text!r}") from None
 
-    coerce.coerceDoc = doc or f"From {kind(str(low))} to {kind(str(high))}."  # type: ignore[attr-defined]
+    coerce.coerceDoc = doc or f"{bound.describe().capitalize()}."  # type: ignore[attr-defined]
     return coerce
 
 
@@ -101,39 +101,40 @@ class Options(usage.Options):
         ["protocol", None, None, f"What the --socket backend speaks: {' or '.join(PROTOCOLS)} "
          "(the MAAS 2.2-3.4 offload format). [default: amp]"],
         ["backend-timeout", None, None, "Seconds a --socket backend may take to answer a request; "
-         f"then the client gets an error. [default: {LOOKUP_TIMEOUT}]", _number(float, 0.1, 60, "--backend-timeout")],
-        ["max-blksize", None, MAX_BLKSIZE, "Largest block size granted (RFC 2348); the path MTU also caps it.",
-         _number(int, MIN_BLKSIZE, MAX_BLKSIZE, "--max-blksize")],
-        ["max-windowsize", None, 64, "Largest window granted, in blocks (RFC 7440).",
-         _number(int, 1, MAX_WINDOWSIZE, "--max-windowsize")],
-        ["max-window-bytes", None, 1 << 20, "Largest window granted, in bytes in flight.",
-         _number(int, 512, 1 << 30, "--max-window-bytes")],
-        ["timeout", "t", 1.0, "When the client sets no timeout (RFC 2349): seconds before the first "
-         "retransmission, and the most the timeout learnt from the transfer's round trips (10 ms over them "
-         "at least) may be; it doubles on each retry, up to 8.", _number(float, 0.01, 255, "--timeout")],
-        ["give-up", None, 30.0, "Seconds without progress after which a transfer is abandoned (then, not at "
-         "the next retry).", _number(float, 0.01, 3600, "--give-up", "From the --timeout value to 3600.")],
-        ["rollover", None, 0, "Block number after 65535: 0 or 1.", _number(int, 0, 1, "--rollover")],
-        ["max-sessions", None, 1000, "Transfers (and backend lookups) at once; further requests are "
-         "dropped, with a log line, until one ends (ROMs retry).", _number(int, 1, 1000000, "--max-sessions")],
+         f"then the client gets an error. [default: {LOOKUP_TIMEOUT}]", _number(config.BACKEND_TIMEOUT_RANGE)],
+        ["max-blksize", None, DEFAULTS.limits.max_blksize, "Largest block size granted (RFC 2348); the path MTU "
+         "also caps it.", _number(MAX_BLKSIZE_RANGE)],
+        ["max-windowsize", None, DEFAULTS.limits.max_windowsize, "Largest window granted, in blocks (RFC 7440).",
+         _number(MAX_WINDOWSIZE_RANGE)],
+        ["max-window-bytes", None, DEFAULTS.limits.max_window_bytes, "Largest window granted, in bytes in flight.",
+         _number(config.MAX_WINDOW_BYTES_RANGE)],
+        ["timeout", "t", DEFAULTS.limits.timeout, "When the client sets no timeout (RFC 2349): seconds before the "
+         "first retransmission, and the most the timeout learnt from the transfer's round trips (10 ms over them "
+         "at least) may be; it doubles on each retry, up to 8.", _number(TIMEOUT_RANGE)],
+        ["give-up", None, DEFAULTS.limits.give_up, "Seconds without progress after which a transfer is abandoned "
+         "(then, not at the next retry).",
+         _number(config.GIVE_UP_RANGE, f"From the --timeout value to {config.GIVE_UP_RANGE.high:g}.")],
+        ["rollover", None, DEFAULTS.limits.rollover, "Block number after 65535: 0 or 1.", _number(ROLLOVER_RANGE)],
+        ["max-sessions", None, DEFAULTS.max_sessions, "Transfers (and backend lookups) at once; further requests "
+         "are dropped, with a log line, until one ends (ROMs retry).", _number(config.MAX_SESSIONS_RANGE)],
         ["map-file", "m", None, "With --root: rewrite requested names by the rules in this file (tftpd-hpa's "
          "--map-file syntax; reread on SIGHUP). Try them with tftp-offload-map-test."],
         ["root-per-client", None, None, "With --root: 'ip' serves ROOT/<client address>/ first, then ROOT/; "
          "'mac' ROOT/<client MAC>/ (52-54-00-12-34-56, from the kernel's neighbour table)."],
         ["log-format", None, "text", "text (one readable line per event) or json (one JSON object per line, "
          "every structured field, transfer-start events too; for jq). Written where twistd's --logfile says."],
-        ["max-sessions-per-client", None, MAX_SESSIONS_PER_CLIENT, "Transfers one client address may run "
-         "at once (0: no limit); more from it are dropped until one ends. Raise it for many machines "
-         "behind one NAT address.", _number(int, 0, 1000000, "--max-sessions-per-client")],
-        ["max-requests-per-second-per-client", None, REQUESTS_PER_SECOND_PER_CLIENT, "New transfers one "
-         "client address may start a second, with bursts of twice that (0: no limit); more are dropped.",
-         _number(float, 0, 1000000, "--max-requests-per-second-per-client")],
+        ["max-sessions-per-client", None, DEFAULTS.guard.max_sessions_per_client, "Transfers one client "
+         "address may run at once (0: no limit); more from it are dropped until one ends. Raise it for many "
+         "machines behind one NAT address.", _number(config.MAX_SESSIONS_PER_CLIENT_RANGE)],
+        ["max-requests-per-second-per-client", None, DEFAULTS.guard.requests_per_second_per_client, "New "
+         "transfers one client address may start a second, with bursts of twice that (0: no limit); more are "
+         "dropped.", _number(config.REQUESTS_PER_SECOND_PER_CLIENT_RANGE)],
         ["workers", None, 1, "Processes serving the same addresses (SO_REUSEPORT: the kernel keeps each "
-         "client with one), for hosts with many cores.", _number(int, 1, 64, "--workers")],
+         "client with one), for hosts with many cores.", _number(WORKERS_RANGE)],
         ["port-range", None, None, "Serve every transfer from a port in LOW:HIGH (for firewalls); when all "
          "are in use, requests are dropped with a log line until one ends (ROMs retry)", parse_port_range],
-        ["drain-timeout", None, DRAIN_TIMEOUT, "On shutdown, seconds running transfers get to finish "
-         "before they are aborted.", _number(float, 0, 3600, "--drain-timeout")],
+        ["drain-timeout", None, DEFAULTS.drain_timeout, "On shutdown, seconds running transfers get to finish "
+         "before they are aborted.", _number(config.DRAIN_TIMEOUT_RANGE)],
         ["metrics", None, None, "Serve Prometheus metrics at http://HOST:PORT/metrics (needs prometheus-client)."],
     ]
 
@@ -145,6 +146,8 @@ class Options(usage.Options):
         self.allow: List[Any] = []
         self.argv: List[str] = []
         """The arguments as given: --workers starts its workers with them."""
+        self.config = DEFAULTS
+        """What the server runs with, built (and checked) from the options by postOptions."""
 
     def opt_listen(self, value: str) -> None:
         """HOST:PORT or [IPV6]:PORT to listen on (a host name means each of its addresses); repeat for
@@ -196,6 +199,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {self['protocol']!r}")
         wanted = [(text, address) for text, (host, port) in self._listen_text for address in resolve(text, host, port)]
         self.listen = [address for _, address in wanted]
+        self.config = self.server_config()
         self.inherited = inherited_datagram_sockets()
         if not self.listen and not self.inherited:
             self.listen = list(DEFAULT_LISTEN)
@@ -206,10 +210,36 @@ class Options(usage.Options):
         if self["workers"] > 1 and self.inherited:
             raise usage.UsageError("--workers needs addresses to bind (--listen): a socket systemd passes "
                                    "cannot be shared by SO_REUSEPORT")
-        if self["give-up"] < self["timeout"]:
-            raise usage.UsageError("--give-up must be at least --timeout")
         if self["metrics"] is not None:
             self["metrics"] = metrics_address(self["metrics"])
+
+    def server_config(self) -> ServerConfig:
+        """The options' `ServerConfig`; a value out of its range is a usage error (one line, naming the option)."""
+        try:
+            WORKERS_RANGE.check(self["workers"])
+            return ServerConfig(
+                limits=Limits(
+                    max_blksize=self["max-blksize"],
+                    max_windowsize=self["max-windowsize"],
+                    max_window_bytes=self["max-window-bytes"],
+                    timeout=self["timeout"],
+                    give_up=self["give-up"],
+                    rollover=self["rollover"],
+                ),
+                max_sessions=self["max-sessions"],
+                lookup_timeout=lookup_timeout_for(self["backend-timeout"]),
+                quiet=bool(self["quiet"]),
+                drain_timeout=self["drain-timeout"],
+                guard=GuardLimits(max_sessions_per_client=self["max-sessions-per-client"],
+                                  requests_per_second_per_client=self["max-requests-per-second-per-client"],
+                                  allow=tuple(self.allow)),
+                port_range=self["port-range"],
+                single_port=bool(self["single-port"]),
+                reuse_port=self["workers"] > 1,
+                log_starts=self["log-format"] == "json",
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     def check_directory_options(self) -> None:
         """--map-file and --root-per-client: one line for what is wrong, before anything starts."""
@@ -359,14 +389,6 @@ class ReloadOnHangup(Service):
 
 
 def makeService(options: Options) -> IService:
-    limits = Limits(
-        max_blksize=options["max-blksize"],
-        max_windowsize=options["max-windowsize"],
-        max_window_bytes=options["max-window-bytes"],
-        timeout=options["timeout"],
-        give_up=options["give-up"],
-        rollover=options["rollover"],
-    )
     backend = make_backend(options)
     top = Top()
     top.twistd = twistd = getattr(options, "parent", None)
@@ -376,25 +398,7 @@ def makeService(options: Options) -> IService:
         backend.setServiceParent(top)  # type: ignore[attr-defined]
     if options["root"] is not None:
         CheckRoot(options["root"]).setServiceParent(top)
-    tftp = TFTPOffloadService(
-        backend,
-        listen=options.listen,
-        limits=limits,
-        max_sessions=options["max-sessions"],
-        # The backend's own timeout answers first (and its exchange goes on reading a late answer, to delete
-        # its file: it is not aborted at this one); this one only catches a backend that never does.
-        lookup_timeout=options["backend-timeout"] + 1,
-        quiet=bool(options["quiet"]),
-        drain_timeout=options["drain-timeout"],
-        inherited=options.inherited,
-        guard=GuardLimits(max_sessions_per_client=options["max-sessions-per-client"],
-                          requests_per_second_per_client=options["max-requests-per-second-per-client"],
-                          allow=tuple(options.allow)),
-        port_range=options["port-range"],
-        single_port=bool(options["single-port"]),
-        reuse_port=options["workers"] > 1,
-    )
-    tftp.log_starts = options["log-format"] == "json"
+    tftp = TFTPOffloadService(backend, listen=options.listen, inherited=options.inherited, config=options.config)
     tftp.setServiceParent(top)
     if isinstance(backend, DirectoryBackend) and backend.map_file is not None:
         ReloadOnHangup(backend.reload).setServiceParent(top)
