@@ -250,7 +250,7 @@ async def test_legacy_backend_faults(serve: Serving) -> None:
 async def test_amp_stop_waits_for_answers_in_flight(faulty: Tuple[str, FaultyFactory, Path]) -> None:
     """Stopping while the backend still makes an ephemeral file: the stop waits for the answer (at most the
     timeout), so the file is deleted; the caller was told "Server shutting down" at once."""
-    from offload_support import get_reader
+    from tests.support.offload_support import get_reader
 
     path, _, eph = faulty
     backend = AMPBackend(path, timeout=TIMEOUT + 1.0, cache_ttl=0)

@@ -92,7 +92,7 @@ async def test_known_down_is_answered_at_once_and_back_is_found_by_the_next_requ
         assert client.outage.refused == 50
         service = offload_service(FakeBackend({b"f": lambda: Reader(b"back")}), path)
         service.startService()
-        from offload_support import turn
+        from tests.support.offload_support import turn
 
         await turn(0.15)  # past NUDGE_INTERVAL: this request tries a connection itself
         started = time.monotonic()
