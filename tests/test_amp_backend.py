@@ -19,12 +19,12 @@ from twisted.internet.defer import DeferredList, ensureDeferred, maybeDeferred
 
 from tests.support.offload_support import FakeBackend, Reader, get_reader, open_fds, read_all, sock_dir, turn, wait_for  # noqa: F401
 from tftp_offload import errors
-from tftp_offload.backends import amp as amp_backend
-from tftp_offload.backends.amp import AMPBackend
-from tftp_offload.offload import CHUNK_MAX
+from tftp_offload.offload import answers, streams
+from tftp_offload.offload.client import AMPBackend
+from tftp_offload.offload.commands import CHUNK_MAX
+from tftp_offload.offload.service import offload_service
 from tftp_offload.readers import BytesReader, FileReader, PathReader
 from tftp_offload.reference import GeneratedReader, pattern
-from tftp_offload.responder import offload_service
 
 Start = Callable[..., Tuple[AMPBackend, Any]]
 WINDOW = 64 * 1468
@@ -64,7 +64,7 @@ async def fetch(client: AMPBackend, name: bytes, size: int = WINDOW, **where: An
 
 
 def inner(reader: Any) -> Any:
-    return reader._reader
+    return reader.reader
 
 
 def files(tmp_path: Path) -> Dict[str, Path]:
@@ -109,8 +109,8 @@ async def test_every_answer_kind(pair: Start, tmp_path: Path) -> None:
         (b"fd", f["big"].read_bytes(), FileReader, 300_000),
         (b"path", f["path"].read_bytes(), FileReader, 200_000),
         (b"ephemeral", pattern(0, 100_000), FileReader, 100_000),
-        (b"stream", pattern(0, 5_000_000), amp_backend._StreamReader, 5_000_000),
-        (b"unsized", pattern(0, 300_000), amp_backend._StreamReader, None),
+        (b"stream", pattern(0, 5_000_000), answers.StreamReader, 5_000_000),
+        (b"unsized", pattern(0, 300_000), answers.StreamReader, None),
     ]
     for name, want, kind, size in cases:
         reader = await get_reader(client, name)
@@ -291,7 +291,7 @@ async def test_stream_read_ahead_is_bounded(pair: Start) -> None:
     backend = FakeBackend({b"big": lambda: GeneratedReader(size)})
     client, _ = pair(backend)
     reader = await get_reader(client, b"big")
-    source = inner(reader)._answer.source
+    source = inner(reader).source
     digest = hashlib.sha256()
     peak = 0
     total = 0
@@ -305,7 +305,7 @@ async def test_stream_read_ahead_is_bounded(pair: Start) -> None:
     reader.finish()
     assert total == size
     assert digest.digest() == hashlib.sha256(pattern(0, size)).digest()
-    bound = amp_backend.RETAIN_MAX + 2 * WINDOW + amp_backend.CHUNKS_IN_FLIGHT * CHUNK_MAX
+    bound = streams.RETAIN_MAX + 2 * WINDOW + streams.CHUNKS_IN_FLIGHT * CHUNK_MAX
     assert peak <= bound, (peak, bound)
 
 

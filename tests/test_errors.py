@@ -59,7 +59,7 @@ def test_subclass_may_choose_its_own_code() -> None:
     assert error_for(DiskFull("full")) == (3, "full", True)
 
 
-# -- python-tx-tftp's classes, by name --------------------------------------------------------------
+# -- python-tx-tftp's classes, by module and name ----------------------------------------------
 
 
 class _Tx:
@@ -83,6 +83,10 @@ class _Tx:
 
         def __str__(self) -> str:
             return f"File not found: {self.file_path}"
+
+
+for _cls in (_Tx.TFTPError, _Tx.BackendError, _Tx.Unsupported, _Tx.AccessViolation, _Tx.FileNotFound):
+    _cls.__module__, _cls.__qualname__ = "tftp.errors", _cls.__name__  # where python-tx-tftp defines them
 
 
 def test_tx_tftp_classes_are_foreign() -> None:

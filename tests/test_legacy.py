@@ -39,21 +39,18 @@ from tests.support.inprocess import (
     until,
 )
 from tests.support.legacy_responder import MALFORMED, Responder, render
-from tftp_offload.backends.legacy import (
-    INVALID,
+from tftp_offload.errors import AccessViolation, BackendError, error_for
+from tftp_offload.offload.legacy import INVALID, NO_ANSWER, UNREACHABLE, LegacyBackend
+from tftp_offload.offload.legacy_wire import (
     MAX_REPLY,
-    NO_ANSWER,
-    UNREACHABLE,
     ErrorAnswer,
     FileAnswer,
-    LegacyBackend,
     MalformedReply,
     encode_request,
     error_for_answer,
     parse_reply,
     wire_host,
 )
-from tftp_offload.errors import AccessViolation, BackendError, error_for
 
 HELLO = b"Hello from the legacy responder\n"
 BIG = os.urandom(300_000)
@@ -216,7 +213,7 @@ def rackd(short_dir: Path, files: Tuple[Path, Path]) -> Iterator[Rackd]:
 def lookups_running() -> List[Any]:
     """The legacy backend's own timers still pending: an exchange with rackd not yet over."""
     return [call for call in get_reactor().getDelayedCalls()
-            if type(getattr(call.func, "__self__", None)).__module__ == "tftp_offload.backends.legacy"]
+            if type(getattr(call.func, "__self__", None)).__module__ == "tftp_offload.offload.legacy"]
 
 
 async def fetch(serve: Serving, service: Any, name: bytes, options: Any = None, host: str = "127.0.0.1") -> Any:

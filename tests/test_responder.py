@@ -18,12 +18,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.protocols import amp
 
 from tests.support.offload_support import FakeBackend, Reader, open_fds, sock_dir, turn, wait_for  # noqa: F401
-from tftp_offload import errors, offload
-from tftp_offload.offload import CHUNK_MAX, INLINE_MAX
+from tftp_offload import errors
+from tftp_offload.offload import commands
+from tftp_offload.offload.commands import CHUNK_MAX, INLINE_MAX
+from tftp_offload.offload.service import offload_service
 from tftp_offload.readers import FileReader, PathReader
-from tftp_offload.responder import offload_service
 
-ALL = list(offload.CAPABILITIES)
+ALL = list(commands.CAPABILITIES)
 Start = Callable[..., Awaitable[Tuple[Any, amp.AMP]]]
 
 
@@ -45,7 +46,7 @@ def serve(sock_dir: str) -> Iterator[Start]:
         client = await connectProtocol(UNIXClientEndpoint(reactor, path), amp.AMP())
         clients.append(client)
         if hello:
-            answer = await client.callRemote(offload.Hello, version=1, capabilities=list(capabilities))
+            answer = await client.callRemote(commands.Hello, version=1, capabilities=list(capabilities))
             assert answer["version"] == 1
         return service, client
 
@@ -59,7 +60,7 @@ def serve(sock_dir: str) -> Iterator[Start]:
 
 
 def request(client: amp.AMP, name: bytes, remote: str = "192.0.2.9", options: Any = ()) -> Deferred:
-    return client.callRemote(offload.ReadRequest, request_id=7, local_ip="192.0.2.1", local_port=69,
+    return client.callRemote(commands.ReadRequest, request_id=7, local_ip="192.0.2.1", local_port=69,
                              remote_ip=remote, remote_port=2000, filename=name, mode="octet",
                              options=[{"name": k, "value": v} for k, v in options])
 
@@ -69,11 +70,11 @@ async def pull(client: amp.AMP, answer: Dict[str, Any], chunk: int = CHUNK_MAX, 
     data = [answer["data"]]
     offset = len(answer["data"])
     for _ in range(limit):
-        got = await client.callRemote(offload.ReadChunk, stream_id=answer["stream_id"], offset=offset, length=chunk)
+        got = await client.callRemote(commands.ReadChunk, stream_id=answer["stream_id"], offset=offset, length=chunk)
         data.append(got["data"])
         offset += len(got["data"])
         if got["eof"]:
-            client.callRemote(offload.CloseStream, stream_id=answer["stream_id"])
+            client.callRemote(commands.CloseStream, stream_id=answer["stream_id"])
             return b"".join(data)
     raise AssertionError("stream without end")
 
@@ -159,10 +160,10 @@ async def test_one_byte_over_inline_is_a_stream_that_ends_at_once(serve: Start) 
     _, client = await serve(backend)
     answer = await request(client, b"f")
     assert answer["kind"] == "stream" and answer["data"] == content
-    got = await client.callRemote(offload.ReadChunk, stream_id=answer["stream_id"], offset=len(content), length=100)
+    got = await client.callRemote(commands.ReadChunk, stream_id=answer["stream_id"], offset=len(content), length=100)
     assert got == {"data": b"", "eof": True}
     # Asking again past the end is harmless (several chunks may have been in flight).
-    got = await client.callRemote(offload.ReadChunk, stream_id=answer["stream_id"], offset=len(content), length=100)
+    got = await client.callRemote(commands.ReadChunk, stream_id=answer["stream_id"], offset=len(content), length=100)
     assert got == {"data": b"", "eof": True}
     assert backend.readers[0].finished == 1
 
@@ -175,7 +176,7 @@ async def test_kinds_the_server_did_not_offer_are_not_used(serve: Start, tmp_pat
     temp = file_of(tmp_path, "temp", 100_000)
     backend = FakeBackend({b"big": lambda: FileReader(os.open(big, os.O_RDONLY)),
                            b"temp": lambda: PathReader(str(temp), ephemeral=True)})
-    _, client = await serve(backend, capabilities=offload.BASELINE_KINDS)
+    _, client = await serve(backend, capabilities=commands.BASELINE_KINDS)
     answer = await request(client, b"big")
     assert answer["kind"] == "stream"
     assert await pull(client, answer) == big.read_bytes()
@@ -217,7 +218,10 @@ async def test_max_age_is_passed_on(serve: Start) -> None:
 
 
 class FileNotFound(Exception):
-    """python-tx-tftp's class of that name (the responder recognises it by name)."""
+    """python-tx-tftp's class of that name (the responder recognises it by its module and name)."""
+
+
+FileNotFound.__module__ = "tftp.errors"
 
 
 def failing(exc: Exception) -> Callable[[], Deferred]:
@@ -232,7 +236,7 @@ def failing(exc: Exception) -> Callable[[], Deferred]:
 @pytest.mark.parametrize(
     "answer,error,message",
     [
-        (errors.FileNotFound("Not here"), offload.ReadRequest.errors and errors.FileNotFound, "Not here"),
+        (errors.FileNotFound("Not here"), commands.ReadRequest.errors and errors.FileNotFound, "Not here"),
         (errors.AccessViolation("No"), errors.AccessViolation, "No"),
         (errors.Unsupported("Cannot"), errors.Unsupported, "Cannot"),
         (errors.BackendError("Region controller unreachable"), errors.BackendError, "Region controller unreachable"),
@@ -299,7 +303,7 @@ async def test_chunks_in_flight_are_served_in_order(serve: Start) -> None:
     offset = len(answer["data"])
     calls = []
     for i in range(6):  # six at once, as the server's read-ahead sends them
-        calls.append(client.callRemote(offload.ReadChunk, stream_id=answer["stream_id"],
+        calls.append(client.callRemote(commands.ReadChunk, stream_id=answer["stream_id"],
                                        offset=offset + i * 30_000, length=30_000))
     got = [await d for d in calls]
     assert b"".join(g["data"] for g in got) == content[offset : offset + 6 * 30_000]
@@ -312,13 +316,13 @@ async def test_bad_chunk_requests_are_refused_without_harm(serve: Start) -> None
     _, client = await serve(backend)
     answer = await request(client, b"big")
     sid, offset = answer["stream_id"], len(answer["data"])
-    with pytest.raises(offload.BadRequest):
-        await client.callRemote(offload.ReadChunk, stream_id=sid, offset=offset + 1, length=10)
-    with pytest.raises(offload.BadRequest):
-        await client.callRemote(offload.ReadChunk, stream_id=sid, offset=offset, length=CHUNK_MAX + 1)
-    with pytest.raises(offload.StreamGone):
-        await client.callRemote(offload.ReadChunk, stream_id=sid + 100, offset=0, length=10)
-    got = await client.callRemote(offload.ReadChunk, stream_id=sid, offset=offset, length=10)
+    with pytest.raises(commands.BadRequest):
+        await client.callRemote(commands.ReadChunk, stream_id=sid, offset=offset + 1, length=10)
+    with pytest.raises(commands.BadRequest):
+        await client.callRemote(commands.ReadChunk, stream_id=sid, offset=offset, length=CHUNK_MAX + 1)
+    with pytest.raises(commands.StreamGone):
+        await client.callRemote(commands.ReadChunk, stream_id=sid + 100, offset=0, length=10)
+    got = await client.callRemote(commands.ReadChunk, stream_id=sid, offset=offset, length=10)
     assert got["data"] == content[offset : offset + 10]
 
 
@@ -331,7 +335,7 @@ async def test_failing_stream_read_is_an_error_not_a_hangup(serve: Start) -> Non
     with pytest.raises(errors.BackendError, match="Error reading"):
         await pull(client, answer)
     assert backend.readers[0].finished == 1
-    assert (await client.callRemote(offload.Hello, version=1, capabilities=[]))["version"] == 1
+    assert (await client.callRemote(commands.Hello, version=1, capabilities=[]))["version"] == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -340,8 +344,8 @@ async def test_idle_streams_are_closed(serve: Start) -> None:
     _, client = await serve(backend, idle_timeout=0.2)
     answer = await request(client, b"big")
     await wait_for(lambda: backend.readers[0].finished == 1, timeout=3)
-    with pytest.raises(offload.StreamGone):
-        await client.callRemote(offload.ReadChunk, stream_id=answer["stream_id"], offset=INLINE_MAX + 1, length=10)
+    with pytest.raises(commands.StreamGone):
+        await client.callRemote(commands.ReadChunk, stream_id=answer["stream_id"], offset=INLINE_MAX + 1, length=10)
 
 
 @pytest_twisted.ensureDeferred
@@ -350,8 +354,8 @@ async def test_close_and_disconnect_release_streams(serve: Start) -> None:
     service, client = await serve(backend)
     first = await request(client, b"big")
     await request(client, b"big")
-    client.callRemote(offload.CloseStream, stream_id=first["stream_id"])
-    client.callRemote(offload.CloseStream, stream_id=9999)  # unknown: ignored
+    client.callRemote(commands.CloseStream, stream_id=first["stream_id"])
+    client.callRemote(commands.CloseStream, stream_id=9999)  # unknown: ignored
     await wait_for(lambda: backend.readers[0].finished == 1)
     assert backend.readers[1].finished == 0
     client.transport.loseConnection()
@@ -392,7 +396,7 @@ async def test_transfer_reports_reach_the_backend(serve: Start) -> None:
     report = {"request_id": 3, "outcome": "complete", "filename": b"f", "local_ip": "192.0.2.1", "local_port": 69,
               "remote_ip": "192.0.2.9", "remote_port": 2000, "bytes": 1234, "duration": 0.5, "blksize": 1468,
               "windowsize": 16, "retransmits": 2, "client_error": None}
-    client.callRemote(offload.TransferFinished, **report)
+    client.callRemote(commands.TransferFinished, **report)
     await wait_for(lambda: bool(backend.reports))
     assert backend.reports == [report]
 

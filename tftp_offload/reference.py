@@ -48,8 +48,9 @@ from zope.interface import implementer
 from .backends.directory import DirectoryBackend
 from .errors import AccessViolation, BackendError, FileNotFound, Unsupported
 from .interfaces import IBackend
+from .offload.responder import IDLE_TIMEOUT
+from .offload.service import offload_service
 from .readers import BytesReader, PathReader
-from .responder import IDLE_TIMEOUT, offload_service
 
 log = Logger(namespace="tftp_offload.reference")
 
