@@ -1,4 +1,4 @@
-"""The offload protocol module: its schema, its documentation, its error mapping (no reactor, no sockets)."""
+"""The offload commands (offload/commands.py): schema, documentation, errors (no reactor, no sockets)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from twisted.protocols import amp
 from tftp_offload import errors
 from tftp_offload.errors import error_for
 from tftp_offload.offload import commands
-from tftp_offload.reference import PATTERN_PERIOD, pattern
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "offload-protocol.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "offload-protocol.md"
 
 
 def doc_section(command: type) -> str:
@@ -114,11 +113,3 @@ def _file(data: bytes) -> Any:
 def test_capabilities_cover_every_kind() -> None:
     assert set(commands.KINDS) <= set(commands.CAPABILITIES)
     assert set(commands.BASELINE_KINDS) <= set(commands.KINDS)
-
-
-@pytest.mark.parametrize("offset,length", [(0, 10), (PATTERN_PERIOD - 3, 10), (5, 3 * PATTERN_PERIOD + 7), (0, 0)])
-def test_reference_pattern_is_one_endless_sequence(offset: int, length: int) -> None:
-    """pattern(a, n) is a window on one periodic sequence, whatever the window (the tests rely on it)."""
-    whole = pattern(0, offset + length)
-    assert pattern(offset, length) == whole[offset:]
-    assert len(pattern(offset, length)) == length
