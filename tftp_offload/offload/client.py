@@ -109,8 +109,8 @@ class AMPBackend(Service):
         a late descriptor closed."""
         super().stopService()
         shutting = Failure(BackendError("Server shutting down"))
-        for lookup in [*self._inflight.values(), *self._queued]:
-            for waiter in lookup.take_waiters():
+        for question in [*self._inflight.values(), *self._queued]:
+            for waiter in question.take_waiters():
                 waiter.fail(shutting)
         self._inflight.clear()
         self._queued.clear()
@@ -165,10 +165,10 @@ class AMPBackend(Service):
                 raise BackendError(UNAVAILABLE)
             self._connector.now()  # it may be back: the attempt decides (on a UNIX socket, within a ms)
         waiter = Waiter(self, request, fail_fast)
-        lookup = self._inflight.get(key)
-        if lookup is not None:
+        question = self._inflight.get(key)
+        if question is not None:
             self.stats["coalesced"] += 1
-            lookup.add(waiter)
+            question.add(waiter)
         else:
             self._start(Question(request, True, self._abandon), [waiter])
         return waiter.deferred
@@ -176,29 +176,29 @@ class AMPBackend(Service):
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")
 
-    # -- lookups ----------------------------------------------------------------------------
+    # -- questions --------------------------------------------------------------------------
 
-    def _start(self, lookup: Question, waiters: List[Waiter]) -> None:
+    def _start(self, question: Question, waiters: List[Waiter]) -> None:
         for waiter in waiters:
-            lookup.add(waiter)
-        if lookup.key is not None:
-            self._inflight[lookup.key] = lookup
+            question.add(waiter)
+        if question.key is not None:
+            self._inflight[question.key] = question
         protocol = self._protocol
         if protocol is None:
-            self._queued.append(lookup)
+            self._queued.append(question)
         else:
-            self._send(lookup, protocol)
+            self._send(question, protocol)
 
-    def _abandon(self, lookup: Question) -> None:
-        if lookup.key is not None and self._inflight.get(lookup.key) is lookup:
-            del self._inflight[lookup.key]
-        if lookup in self._queued:
-            self._queued.remove(lookup)
+    def _abandon(self, question: Question) -> None:
+        if question.key is not None and self._inflight.get(question.key) is question:
+            del self._inflight[question.key]
+        if question in self._queued:
+            self._queued.remove(question)
 
-    def _send(self, lookup: Question, protocol: ClientProtocol) -> None:
+    def _send(self, question: Question, protocol: ClientProtocol) -> None:
         self._request_ids += 1
-        lookup.request_id = request_id = self._request_ids
-        request = lookup.request
+        question.request_id = request_id = self._request_ids
+        request = question.request
         self.stats["lookups"] += 1
         try:
             d = protocol.callRemote(
@@ -206,31 +206,31 @@ class AMPBackend(Service):
                 remote_ip=request.remote[0], remote_port=request.remote[1], filename=request.filename,
                 mode=request.mode, options=[{"name": k, "value": v} for k, v in request.options.items()])
         except Exception:  # amp.TooLong for an absurd filename or option list, mostly
-            self._failed(Failure(), lookup, protocol)
+            self._failed(Failure(), question, protocol)
             return
         self._awaiting += 1
         d.addBoth(_passing, self._answer_in)
-        d.addCallbacks(self._answered, self._failed, (lookup, protocol), None, (lookup, protocol))
+        d.addCallbacks(self._answered, self._failed, (question, protocol), None, (question, protocol))
         d.addErrback(log_bug, "a backend answer")
 
-    def _answered(self, response: Dict[str, Any], lookup: Question, protocol: ClientProtocol) -> None:
-        if lookup.key is not None and self._inflight.get(lookup.key) is lookup:
-            del self._inflight[lookup.key]
+    def _answered(self, response: Dict[str, Any], question: Question, protocol: ClientProtocol) -> None:
+        if question.key is not None and self._inflight.get(question.key) is question:
+            del self._inflight[question.key]
         self.stats["answers"] += 1
         try:
             answer = answer_from(response, self.socket_path, partial(self._open_stream, protocol), protocol.claim)
         except Exception:
-            self._failed(Failure(), lookup, protocol)
+            self._failed(Failure(), question, protocol)
             return
         max_age = response.get("max_age")
         shared = max_age is None or max_age > 0
         ttl = self.cache_ttl if max_age is None else min(self.cache_ttl, max_age)
-        cached = ttl > 0 and lookup.key is not None and self.running
+        cached = ttl > 0 and question.key is not None and self.running
         if cached:  # before any waiter runs on: what it does next may already ask again
-            self._cache.put(lookup.key, answer, ttl, lookup.request_id or 0)  # type: ignore[arg-type]
+            self._cache.put(question.key, answer, ttl, question.request_id or 0)  # type: ignore[arg-type]
         given: List[Tuple[Waiter, Any]] = []
         alone: List[Waiter] = []
-        for waiter in lookup.take_waiters():
+        for waiter in question.take_waiters():
             if given and not shared:
                 alone.append(waiter)
                 continue
@@ -242,7 +242,7 @@ class AMPBackend(Service):
             if reader is None:  # a stream already has its reader: this caller needs a stream of its own
                 alone.append(waiter)
             else:
-                given.append((waiter, self._reported(reader, waiter.request, lookup.request_id or 0, answer.kind)))
+                given.append((waiter, self._reported(reader, waiter.request, question.request_id or 0, answer.kind)))
         if not cached:
             answer.release()  # readers already given keep what they need
         for waiter in alone:
@@ -253,27 +253,27 @@ class AMPBackend(Service):
             else:
                 waiter.succeed(result)
 
-    def _failed(self, failure: Failure, lookup: Question, protocol: ClientProtocol) -> None:
+    def _failed(self, failure: Failure, question: Question, protocol: ClientProtocol) -> None:
         cut_off = bool(failure.check(ConnectionClosed)) or protocol.gone  # gone: dropped over a protocol error
-        if cut_off and lookup.waiters and self.running:
+        if cut_off and question.waiters and self.running:
             # Cut off by a backend restart: ask again on the next connection, while time lasts.
             self.stats["resent"] += 1
-            lookup.request_id = None
+            question.request_id = None
             if self._protocol is None:
-                self._queued.append(lookup)
+                self._queued.append(question)
             else:
-                self._send(lookup, self._protocol)
+                self._send(question, self._protocol)
             return
-        if lookup.key is not None and self._inflight.get(lookup.key) is lookup:
-            del self._inflight[lookup.key]
+        if question.key is not None and self._inflight.get(question.key) is question:
+            del self._inflight[question.key]
         self.stats["errors"] += 1
         if not failure.check(TFTPError):
             if cut_off:
                 failure = Failure(BackendError("Lost the connection to the backend"))
             else:
-                log.failure("Lookup of {file!r} failed", failure=failure, file=lookup.request.filename)
+                log.failure("Lookup of {file!r} failed", failure=failure, file=question.request.filename)
                 failure = Failure(BackendError("Backend error"))
-        for waiter in lookup.take_waiters():
+        for waiter in question.take_waiters():
             waiter.fail(failure)
 
     # -- the connection ---------------------------------------------------------------------
@@ -293,11 +293,11 @@ class AMPBackend(Service):
                  after="" if away is None else f", after {away:.1f} s without it ({refused} requests refused)",
                  )
         queued, self._queued = self._queued, []
-        for lookup in queued:
-            if lookup.waiters:
-                self._send(lookup, protocol)
+        for question in queued:
+            if question.waiters:
+                self._send(question, protocol)
             else:
-                self._abandon(lookup)
+                self._abandon(question)
 
     def _lost(self, protocol: ClientProtocol, reason: Failure) -> None:
         if self._connector is not None:
@@ -323,9 +323,9 @@ class AMPBackend(Service):
         self._last_failure_wall = time.time()
         self.outage.went(explain(self.socket_path, failure))
         # Those who asked while it was known down are told now; earlier ones wait out their timeout.
-        for lookup in list(self._queued):
-            for waiter in [w for w in lookup.waiters if w.fail_fast]:
-                lookup.forget(waiter)
+        for question in list(self._queued):
+            for waiter in [w for w in question.waiters if w.fail_fast]:
+                question.forget(waiter)
                 self.outage.refused += 1
                 waiter.fail(Failure(BackendError(UNAVAILABLE)))
 
