@@ -8,7 +8,7 @@ nothing a backend does closes the connection.
 from __future__ import annotations
 
 import os
-from typing import Any, Awaitable, Callable, List, Tuple
+from typing import Any, Awaitable, Callable, Tuple
 
 import pytest
 import pytest_twisted
@@ -270,46 +270,25 @@ async def test_transfer_reports_reach_the_backend(serve: Start) -> None:
     assert backend.reports == [report]
 
 
-
-
 @pytest_twisted.ensureDeferred
-async def test_twisted_still_queues_descriptors_where_we_look(sock_dir: str, tmp_path: Any) -> None:
-    """The responder closes a passed descriptor once it has left the UNIX transport's private
-    `_sendmsgQueue` (Twisted has no public "sent" signal). If Twisted renames or reshapes it,
-    this fails, instead of descriptors being closed too early or never."""
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, connectProtocol
-    from twisted.internet.interfaces import IFileDescriptorReceiver
-    from twisted.internet.protocol import Factory, Protocol
-    from zope.interface import implementer
-
-    @implementer(IFileDescriptorReceiver)
-    class Receiver(Protocol):
-        def __init__(self) -> None:
-            self.fds: List[int] = []
-
-        def fileDescriptorReceived(self, descriptor: int) -> None:
-            self.fds.append(descriptor)
-
-    senders: List[Protocol] = []
-    factory = Factory.forProtocol(Protocol)
-    factory.buildProtocol = lambda addr: senders.append(Protocol()) or senders[-1]  # type: ignore[method-assign]
-    port = await UNIXServerEndpoint(reactor, os.path.join(sock_dir, "q.sock")).listen(factory)
-    receiver = await connectProtocol(UNIXClientEndpoint(reactor, os.path.join(sock_dir, "q.sock")), Receiver())
-    path = file_of(tmp_path, "passed", 10)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        await wait_for(lambda: bool(senders) and senders[0].transport is not None)
-        transport: Any = senders[0].transport
-        queue = transport._sendmsgQueue
-        assert isinstance(queue, list)
-        transport.sendFileDescriptor(fd)
-        assert fd in queue, "queued until sent"
-        transport.write(b"x")
-        await wait_for(lambda: bool(receiver.fds))
-        assert fd not in transport._sendmsgQueue, "gone from the queue once the kernel has it"
-        os.close(receiver.fds[0])
-    finally:
-        os.close(fd)
-        receiver.transport.loseConnection()  # type: ignore[union-attr]
-        await port.stopListening()
+async def test_stopping_with_a_descriptor_in_flight_completes(serve: Start, tmp_path: Any) -> None:
+    """While a passed descriptor is held, the responder is its transport's producer; closing the
+    connection (which waits for a registered producer) must still complete, and close it."""
+    big = file_of(tmp_path, "big", 100_000)
+    backend = FakeBackend({b"big": lambda: FileReader(os.open(big, os.O_RDONLY))})
+    service, client = await serve(backend)
+    await request(client, b"warm-up-not-found").addErrback(lambda f: None)
+    before = open_fds()
+    backend.hold()
+    pending = request(client, b"big")
+    pending.addErrback(lambda f: None)
+    await wait_for(lambda: backend.held is not None and len(backend.held) == 1)
+    connection = next(iter(service.factory.connections))
+    backend.release()  # the answer is written, its descriptor held until it has been sent...
+    assert connection.transport.producer is not None
+    service.stopService()  # ...and the connection closed in the same turn
+    await wait_for(lambda: not service.factory.connections, timeout=3)
+    answer = await pending
+    if isinstance(answer, dict) and answer.get("fd") is not None:
+        os.close(answer["fd"])
+    await wait_for(lambda: open_fds() <= before, timeout=3)

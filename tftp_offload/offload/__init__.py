@@ -11,6 +11,7 @@ One module per question:
     cache        answers reused for a few seconds, bounded in count and bytes
     responder    the backend's side: any `IBackend` answering the server's commands
     serving      one backend reader read front to back for the server's `ReadChunk`s
+    descriptors  when a descriptor passed to the server may be closed (once the kernel has it)
     service      offering a backend on a UNIX socket (`offload_service`)
     legacy_wire  the legacy MAAS offload format (MAAS 2.2 to 3.4), bytes only
     legacy       `LegacyBackend`: asking a MAAS rack controller over that format

@@ -38,6 +38,7 @@ from ..lookup import BoundedLookup, LookupTimeout, finish_reader
 from ..readers import PathReader
 from . import commands
 from .commands import CHUNK_MAX, EPHEMERAL, FD, INLINE, INLINE_MAX, PATH, STREAM, BadRequest, StreamGone
+from .descriptors import GIVE_UP, SentDescriptors
 from .serving import ServedStream
 
 log = Logger(namespace="tftp_offload.responder")
@@ -51,11 +52,6 @@ IDLE_TIMEOUT = 60.0
 
 MAX_STREAMS = 1024
 """Open streams per connection at most: each holds a reader of the wrapped backend."""
-
-FD_SEND_CHECK = 0.01
-FD_SEND_GIVE_UP = 30.0
-"""A passed descriptor is closed here once the kernel has it; if the socket stays that clogged for this
-long, the connection is dropped rather than the descriptor closed while still queued."""
 
 RESPONDER_CAPABILITIES = (INLINE, FD, PATH, EPHEMERAL, STREAM, commands.TRANSFER_FINISHED)
 
@@ -93,7 +89,7 @@ class OffloadResponder(amp.AMP):
         """What the server said it accepts; until it says hello, version 1's baseline."""
         self.streams: Dict[int, ServedStream] = {}
         self._next_stream = 1
-        self._held_fds: Set[int] = set()
+        self._descriptors: Optional[SentDescriptors] = None
         self.gone = False
 
     # -- commands ---------------------------------------------------------------------------
@@ -188,7 +184,7 @@ class OffloadResponder(amp.AMP):
         found = _regular_fd(reader)
         if found is not None and found[1] > INLINE_MAX and FD in caps:
             fd = os.dup(found[0])
-            self._close_when_sent(fd)
+            self._held_descriptors().hold(fd)  # open until the answer carrying it has been sent
             finish_reader(reader)  # the copy keeps the file (even an unlinked one) alive for the server
             return {"kind": FD, "fd": fd, "size": found[1], **_max_age(reader)}
         return None
@@ -235,42 +231,15 @@ class OffloadResponder(amp.AMP):
         if stream is not None:
             stream.close()
 
-    def _close_when_sent(self, fd: int) -> None:
-        """Close our copy of a passed descriptor once the kernel has taken it (it must stay open till then).
+    def _stuck(self) -> None:
+        log.warn("Dropping a server connection that has not taken a descriptor in {seconds} s",
+                 seconds=GIVE_UP)
+        self.transport.abortConnection()  # type: ignore[union-attr]  # connectionLost closes what is held
 
-        Twisted has no public "sent" signal for a descriptor: its UNIX transport keeps it in
-        the private `_sendmsgQueue` until `sendmsg` has handed it to the kernel, so we watch
-        that list (the only place that knows). IConsumer's drain callback (a registered pull
-        producer's `resumeProducing`) would be public, but a registered producer stops
-        `loseConnection` from completing until it unregisters, which every path that closes
-        the connection (AMP's own included) would then have to know. A transport without the
-        queue (not Twisted's UNIX transport) gets a fixed grace period. test_responder's
-        `test_twisted_still_queues_descriptors_where_we_look` fails if Twisted renames it.
-        """
-        self._held_fds.add(fd)
-        reactor = self.factory.reactor
-        started = reactor.seconds()
-
-        def check() -> None:
-            if fd not in self._held_fds:  # closed with the connection
-                return
-            queue = getattr(self.transport, "_sendmsgQueue", None)
-            waited = reactor.seconds() - started
-            if queue is None and waited < 5.0:
-                reactor.callLater(5.0, check)
-                return
-            if queue is not None and fd in queue:
-                if waited < FD_SEND_GIVE_UP:
-                    reactor.callLater(FD_SEND_CHECK, check)
-                    return
-                log.warn("Dropping a server connection that has not taken a descriptor in {seconds} s",
-                         seconds=FD_SEND_GIVE_UP)
-                self.transport.abortConnection()  # type: ignore[union-attr]
-                return  # connectionLost closes it: never close a descriptor still queued for sending
-            self._held_fds.discard(fd)
-            os.close(fd)
-
-        reactor.callLater(0, check)
+    def _held_descriptors(self) -> SentDescriptors:
+        if self._descriptors is None:
+            self._descriptors = SentDescriptors(self.transport, self.factory.reactor, self._stuck)
+        return self._descriptors
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -281,9 +250,8 @@ class OffloadResponder(amp.AMP):
         self.factory.connections.discard(self)
         for stream_id in list(self.streams):
             self.drop_stream(stream_id)
-        for fd in self._held_fds:
-            os.close(fd)
-        self._held_fds.clear()
+        if self._descriptors is not None:
+            self._descriptors.close_all()
         super().connectionLost(reason)
         log.info("TFTP server disconnected: {reason}", reason=reason.getErrorMessage())
 
