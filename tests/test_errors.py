@@ -160,3 +160,23 @@ def test_unknown_exceptions_are_error_0_and_leak_nothing(exc: BaseException) -> 
     assert code == ErrorCode.NOT_DEFINED
     assert expected is False
     assert message == "Internal server error"
+
+
+# -- the one table ----------------------------------------------------------------------------------
+
+
+def test_each_class_is_declared_once_and_the_amp_names_are_distinct() -> None:
+    classes = [cls for cls, _ in errors.ERRORS]
+    assert len(classes) == len(set(classes))
+    names = list(errors.AMP_ERRORS.values())
+    assert len(names) == len(set(names))
+    assert set(errors.AMP_ERRORS) == {FileNotFound, AccessViolation, Unsupported, BackendError}
+
+
+def test_a_class_of_a_tx_tftp_name_from_elsewhere_is_not_theirs() -> None:
+    """Matched by module and name: a FileNotFound of some other library is an unexpected exception."""
+
+    class FileNotFound(Exception):
+        pass
+
+    assert error_for(FileNotFound("/srv/x")) == (ErrorCode.NOT_DEFINED, "Internal server error", False)

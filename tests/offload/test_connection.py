@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 import pytest
 import pytest_twisted
+from twisted.internet.error import ConnectionDone
 
 from tests.support.offload_support import (
     FakeBackend,
@@ -69,3 +70,31 @@ async def test_backend_restart(pair: Start, sock_dir: str) -> None:
     finally:
         await new_service.stopService()
     first.release()
+
+
+def test_received_descriptors_no_answer_claimed_are_closed_with_the_connection() -> None:
+    """Descriptors come in before the box that names them; one that no answer took (a box never
+    decoded, an answer refused) is closed when the connection ends, a claimed one is the answer's."""
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    from tftp_offload.offload.connection import ClientFactory
+
+    lost: List[Any] = []
+    factory = ClientFactory("/nonexistent.sock", lambda p, s: None, lambda r: None, lambda p, r: lost.append(p))
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    unclaimed_r, unclaimed_w = os.pipe()
+    claimed_r, claimed_w = os.pipe()
+    try:
+        for fd in (unclaimed_r, claimed_r):
+            protocol.fileDescriptorReceived(fd)
+        protocol.claim(claimed_r)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        assert lost == [protocol] and protocol.gone
+        with pytest.raises(OSError):
+            os.fstat(unclaimed_r)
+        os.fstat(claimed_r)  # still open: the answer that claimed it closes it
+    finally:
+        for fd in (unclaimed_w, claimed_r, claimed_w):
+            os.close(fd)
