@@ -28,9 +28,10 @@ from twisted.protocols import amp
 from tests.support import legacy_responder
 from tests.support.inprocess import Serving, download, get_reactor, serve  # noqa: F401  (fixture)
 from tests.support.offload_support import open_fds, short_dir, turn, wait_for
-from tftp_offload import offload
-from tftp_offload.backends.amp import AMPBackend
-from tftp_offload.backends.legacy import LegacyBackend
+from tftp_offload import errors
+from tftp_offload.offload import commands
+from tftp_offload.offload.client import AMPBackend
+from tftp_offload.offload.legacy import LegacyBackend
 
 TIMEOUT = 1.0
 OK = b"served again\n"
@@ -44,12 +45,12 @@ class Faulty(amp.AMP):
         self.eph_dir = eph_dir
         self.held = held
 
-    @offload.Hello.responder
+    @commands.Hello.responder
     def hello(self, version: int, capabilities: List[str], min_version: Optional[int] = None,
               software: Optional[str] = None) -> Dict[str, Any]:
-        return {"version": 1, "capabilities": list(offload.CAPABILITIES), "software": "faulty"}
+        return {"version": 1, "capabilities": list(commands.CAPABILITIES), "software": "faulty"}
 
-    @offload.ReadRequest.responder
+    @commands.ReadRequest.responder
     def read_request(self, request_id: int, local_ip: str, local_port: int, remote_ip: str, remote_port: int,
                      filename: bytes, mode: str, options: Any) -> Any:
         kind = filename.split(b"/")[0].decode()
@@ -100,17 +101,17 @@ class Faulty(amp.AMP):
             fd = os.open(__file__, os.O_RDONLY)
             self.held.append(fd)
             return deferLater(get_reactor(), TIMEOUT + 0.5, lambda: {"kind": "fd", "fd": fd, "size": 100_000})
-        raise offload.errors.FileNotFound("File not found")
+        raise errors.FileNotFound("File not found")
 
-    @offload.ReadChunk.responder
+    @commands.ReadChunk.responder
     def read_chunk(self, stream_id: int, offset: int, length: int) -> Dict[str, Any]:
         return {"data": b"y" * (length + 100), "eof": False}
 
-    @offload.TransferFinished.responder
+    @commands.TransferFinished.responder
     def transfer_finished(self, **report: Any) -> Dict[str, Any]:
         return {}
 
-    @offload.CloseStream.responder
+    @commands.CloseStream.responder
     def close_stream(self, stream_id: int) -> Dict[str, Any]:
         return {}
 
@@ -191,7 +192,7 @@ async def test_amp_backend_faults(serve: Serving, faulty: Tuple[str, FaultyFacto
             assert took < TIMEOUT + 0.7, (name, took)
             await serve.settled(service)
             # The server serves again once the backend behaves (it reconnects after a fault that cut it off).
-            await wait_for(lambda: backend._protocol is not None, 5.0)
+            await wait_for(lambda: backend.connected, 5.0)
             again, took = await fetch(serve, service, b"ok/" + name.encode())
             assert again.complete and again.data == OK, (name, again.error)
         await turn(TIMEOUT + 0.7)  # the late answers have come and been cleaned up
@@ -255,7 +256,7 @@ async def test_amp_stop_waits_for_answers_in_flight(faulty: Tuple[str, FaultyFac
     path, _, eph = faulty
     backend = AMPBackend(path, timeout=TIMEOUT + 1.0, cache_ttl=0)
     backend.startService()
-    await wait_for(lambda: backend._protocol is not None, 5.0)
+    await wait_for(lambda: backend.connected, 5.0)
     pending = get_reader(backend, b"late-eph/at-stop")
     await wait_for(lambda: os.listdir(eph) != [], 2.0)  # the backend has written it, its answer is on its way
     stopping = backend.stopService()

@@ -59,7 +59,7 @@ def test_subclass_may_choose_its_own_code() -> None:
     assert error_for(DiskFull("full")) == (3, "full", True)
 
 
-# -- python-tx-tftp's classes, by name --------------------------------------------------------------
+# -- python-tx-tftp's classes, by module and name ----------------------------------------------
 
 
 class _Tx:
@@ -83,6 +83,10 @@ class _Tx:
 
         def __str__(self) -> str:
             return f"File not found: {self.file_path}"
+
+
+for _cls in (_Tx.TFTPError, _Tx.BackendError, _Tx.Unsupported, _Tx.AccessViolation, _Tx.FileNotFound):
+    _cls.__module__, _cls.__qualname__ = "tftp.errors", _cls.__name__  # where python-tx-tftp defines them
 
 
 def test_tx_tftp_classes_are_foreign() -> None:
@@ -156,3 +160,23 @@ def test_unknown_exceptions_are_error_0_and_leak_nothing(exc: BaseException) -> 
     assert code == ErrorCode.NOT_DEFINED
     assert expected is False
     assert message == "Internal server error"
+
+
+# -- the one table ----------------------------------------------------------------------------------
+
+
+def test_each_class_is_declared_once_and_the_amp_names_are_distinct() -> None:
+    classes = [cls for cls, _ in errors.ERRORS]
+    assert len(classes) == len(set(classes))
+    names = list(errors.AMP_ERRORS.values())
+    assert len(names) == len(set(names))
+    assert set(errors.AMP_ERRORS) == {FileNotFound, AccessViolation, Unsupported, BackendError}
+
+
+def test_a_class_of_a_tx_tftp_name_from_elsewhere_is_not_theirs() -> None:
+    """Matched by module and name: a FileNotFound of some other library is an unexpected exception."""
+
+    class FileNotFound(Exception):
+        pass
+
+    assert error_for(FileNotFound("/srv/x")) == (ErrorCode.NOT_DEFINED, "Internal server error", False)

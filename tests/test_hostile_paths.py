@@ -21,13 +21,13 @@ from tests.support import legacy_responder
 from tests.support.hostile_paths import INSIDE, build, check, corpus
 from tests.support.inprocess import Serving, download, get_reactor, serve, until  # noqa: F401  (fixture)
 from tests.support.offload_support import open_fds, short_dir, turn
-from tftp_offload.backends.amp import AMPBackend
 from tftp_offload.backends.directory import DirectoryBackend
-from tftp_offload.backends.legacy import LegacyBackend
 from tftp_offload.errors import AccessViolation, error_for
 from tftp_offload.guard import GuardLimits
+from tftp_offload.offload.client import AMPBackend
+from tftp_offload.offload.legacy import LegacyBackend
+from tftp_offload.offload.service import offload_service
 from tftp_offload.reference import ReferenceBackend
-from tftp_offload.responder import offload_service
 
 TRIED: Dict[str, int] = {}
 """Names tried per backend, printed at the end of the module (run with -s to see them)."""

@@ -19,9 +19,9 @@ from twisted.logger import Logger, formatEvent
 from tests.support.inprocess import log_events  # noqa: F401  (fixture)
 from tests.support.offload_support import FakeBackend, Reader, get_reader, sock_dir, wait_for  # noqa: F401
 from tftp_offload import errors
-from tftp_offload.backends.amp import AMPBackend
 from tftp_offload.backends.outage import REMINDER_INTERVAL, Outage, explain
-from tftp_offload.responder import offload_service
+from tftp_offload.offload.client import AMPBackend
+from tftp_offload.offload.service import offload_service
 
 Events = List[Dict[str, Any]]
 

@@ -27,7 +27,7 @@ import pytest
 from tests.support import tftp_client
 from tests.support.harness import REPO, TwistdServer, url_host, wait_until_serving
 from tests.support.offload_support import Process, fd_count, short_dir, start_backend, start_server, vm_hwm_kib
-from tftp_offload.reference import pattern, render_grub, render_pxelinux
+from tftp_offload.reference import PATTERN_PERIOD, pattern, render_grub, render_pxelinux
 
 LOADGEN = REPO / "tests" / "support" / "loadgen.py"
 BIG = 300_000
@@ -439,8 +439,10 @@ def test_the_backend_logs_each_transfer_report(healthy: Stack, tmp_path: Path) -
     assert f": complete, {size} bytes in " in done and "(blksize 1468, window 1, 0 retransmits)" in done
     assert f"Transfer of 'generated/big100000-{tag}' to 127.0.0.1:" in quit_
     assert ": client-error, 0 bytes in " in quit_ and "client said 0: enough)" in quit_
+
+
 def test_shipped_reference_backend_injects_no_failures(tmp_path: Path) -> None:
-    """errors/crash lives in the tests (faulty_reference.tac), not in the production plugin."""
+    """errors/* and errors/crash live in the tests (faulty_reference.tac), not in the production plugin."""
     from twisted.python import context
 
     from tftp_offload.errors import FileNotFound
@@ -449,3 +451,14 @@ def test_shipped_reference_backend_injects_no_failures(tmp_path: Path) -> None:
     backend = ReferenceBackend(str(make_root(tmp_path / "root")), str(tmp_path))
     with pytest.raises(FileNotFound):
         context.call({"local": ("127.0.0.1", 69), "remote": ("127.0.0.1", 1)}, backend.get_reader, b"errors/crash")
+    for name in (b"errors/not-found", b"errors/access-violation", b"errors/illegal-operation", b"errors/backend-error"):
+        with pytest.raises(FileNotFound):
+            context.call({"local": ("127.0.0.1", 69), "remote": ("127.0.0.1", 1)}, backend.get_reader, name)
+
+
+@pytest.mark.parametrize("offset,length", [(0, 10), (PATTERN_PERIOD - 3, 10), (5, 3 * PATTERN_PERIOD + 7), (0, 0)])
+def test_reference_pattern_is_one_endless_sequence(offset: int, length: int) -> None:
+    """pattern(a, n) is a window on one periodic sequence, whatever the window (the tests rely on it)."""
+    whole = pattern(0, offset + length)
+    assert pattern(offset, length) == whole[offset:]
+    assert len(pattern(offset, length)) == length

@@ -3,7 +3,7 @@
 MAAS's rack controller already implements this contract for its own TFTP
 server, so any backend written for python-tx-tftp plugs in here unchanged.
 The request's details are not arguments but live in `twisted.python.context`
-while `get_reader` runs (see `RequestContext`), which is how tx-tftp passes
+while `get_reader` runs (see `context.RequestContext`), which is how tx-tftp passes
 them and why backends that ignore them keep working.
 """
 

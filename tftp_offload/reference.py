@@ -17,15 +17,14 @@ the directory backend):
     ephemeral/<N>[-<tag>]          N pattern bytes written to a fresh file,
                                    answered as an ephemeral path (at most 64 MiB)
     path/<file>                    <file> of the root, answered as a static path
-    errors/not-found, errors/access-violation, errors/illegal-operation,
-    errors/backend-error
-                                   the matching error
     slow/<seconds>/<name>          <name>, answered after a delay (at most 30 s)
     anything else                  the file of that name under the root (inline up
                                    to 60 KiB, else its descriptor)
 
 Rendered content depends on the client's address, never on its port: the
 server reuses an answer for the same client address whatever port it asks from.
+It injects no failures (this is a production twistd plugin): the tests add theirs
+in tests/support/faulty_reference.tac.
 """
 
 from __future__ import annotations
@@ -42,14 +41,16 @@ from typing import Any, Dict, Optional, Tuple, Type
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python import context, usage
+from twisted.python import usage
 from zope.interface import implementer
 
 from .backends.directory import DirectoryBackend
-from .errors import AccessViolation, BackendError, FileNotFound, Unsupported
+from .context import RequestContext
+from .errors import AccessViolation, FileNotFound, Unsupported
 from .interfaces import IBackend
+from .offload.responder import IDLE_TIMEOUT
+from .offload.service import offload_service
 from .readers import BytesReader, PathReader
-from .responder import IDLE_TIMEOUT, offload_service
 
 log = Logger(namespace="tftp_offload.reference")
 
@@ -63,15 +64,12 @@ SLOW_MAX = 30.0
 EPHEMERAL_GRACE = 120.0
 """Seconds after which an ephemeral file the server never took (it deletes it on receipt) is removed here."""
 
+_NOWHERE = RequestContext(("", 0), ("", 0))
+"""The context of a lookup made outside a TFTP request (the backend called directly)."""
+
 _GENERATED = re.compile(r"generated/(big|nosize)(\d{1,13})(?:-[\w.]{0,64})?")
 _EPHEMERAL = re.compile(r"ephemeral/(\d{1,9})(?:-[\w.]{0,64})?")
 _SLOW = re.compile(r"slow/(\d{1,2}(?:\.\d{1,3})?)/(.+)", re.DOTALL)
-_ERRORS: Dict[str, Exception] = {
-    "errors/not-found": FileNotFound("No such file on the reference backend"),
-    "errors/access-violation": AccessViolation("The reference backend says no"),
-    "errors/illegal-operation": Unsupported("The reference backend cannot do that"),
-    "errors/backend-error": BackendError("Reference backend: something went wrong"),
-}
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,8 +145,8 @@ class ReferenceBackend:
 
     def get_reader(self, file_name: bytes) -> Any:
         self.lookups += 1
-        local: Tuple[str, int] = context.get("local") or ("", 0)
-        remote: Tuple[str, int] = context.get("remote") or ("", 0)
+        asked = RequestContext.current() or _NOWHERE
+        local, remote = asked.local, asked.remote
         log.info("Lookup {file!r} for {client} at {local}", file=file_name, client=remote, local=local,
                  lookups=self.lookups)
         raw = file_name.replace(b"\\", b"/").lstrip(b"/")
@@ -168,13 +166,10 @@ class ReferenceBackend:
             return self._ephemeral(int(match.group(1)))
         if name.startswith("path/"):
             return PathReader(self.directory.resolve(raw[len(b"path/"):]))
-        if name in _ERRORS:
-            raise _ERRORS[name]
         match = _SLOW.fullmatch(name)
         if match:
             delay = min(float(match.group(1)), SLOW_MAX)
-            ctx = {key: context.get(key) for key in ("local", "remote", "mode", "options")}
-            return deferLater(self.reactor, delay, context.call, ctx, self.get_reader, match.group(2).encode())
+            return deferLater(self.reactor, delay, asked.call, self.get_reader, match.group(2).encode())
         return self.directory.get_reader(file_name)
 
     def _ephemeral(self, size: int) -> PathReader:

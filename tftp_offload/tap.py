@@ -275,10 +275,10 @@ def make_backend(options: Options) -> IBackend:
     if options["root"] is not None:
         return DirectoryBackend(options["root"], options["map-file"], options["root-per-client"])
     if options["protocol"] == "legacy":
-        from .backends.legacy import LegacyBackend
+        from .offload.legacy import LegacyBackend
 
         return LegacyBackend(options["socket"], timeout=options["backend-timeout"])
-    from .backends.amp import AMPBackend
+    from .offload.client import AMPBackend
 
     return AMPBackend(options["socket"], timeout=options["backend-timeout"])
 

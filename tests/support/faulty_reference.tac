@@ -5,6 +5,8 @@ it lives here. The reference backend's own options come from the environment var
 TFTPO_BACKEND_ARGS (e.g. "--socket /tmp/x.sock --root /srv/tftp"). On top of what the reference
 backend serves:
 
+    errors/not-found, errors/access-violation, errors/illegal-operation, errors/backend-error
+                    the matching typed error, with a text of the backend's own
     errors/crash    an unexpected exception (the client sees error 0 "Internal server error", the
                     backend's log a traceback)
 """
@@ -15,13 +17,23 @@ import shlex
 from twisted.application.service import Application
 
 from tftp_offload import reference
+from tftp_offload.errors import AccessViolation, BackendError, FileNotFound, Unsupported
+
+FAULTS = {
+    b"errors/not-found": FileNotFound("No such file on the reference backend"),
+    b"errors/access-violation": AccessViolation("The reference backend says no"),
+    b"errors/illegal-operation": Unsupported("The reference backend cannot do that"),
+    b"errors/backend-error": BackendError("Reference backend: something went wrong"),
+    b"errors/crash": RuntimeError("the reference backend crashed on purpose"),
+}
 
 
 class FaultyReferenceBackend(reference.ReferenceBackend):
     def get_reader(self, file_name):
-        if file_name.replace(b"\\", b"/").lstrip(b"/") == b"errors/crash":
+        fault = FAULTS.get(file_name.replace(b"\\", b"/").lstrip(b"/"))
+        if fault is not None:
             self.lookups += 1
-            raise RuntimeError("the reference backend crashed on purpose")
+            raise fault
         return super().get_reader(file_name)
 
 

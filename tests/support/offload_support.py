@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.protocols import amp
 from twisted.python import context
 from zope.interface import implementer
 
@@ -32,6 +33,10 @@ from tests.support.harness import (
     wait_until_serving,
 )
 from tftp_offload.interfaces import IBackend
+from tftp_offload.offload import commands
+from tftp_offload.offload.commands import CHUNK_MAX
+from tftp_offload.readers import PathReader
+from tftp_offload.reference import pattern
 
 Answer = Union[Any, Exception, Callable[[], Any]]
 
@@ -258,3 +263,67 @@ def vm_hwm_kib(pid: int) -> int:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+ALL = list(commands.CAPABILITIES)
+
+
+def request(client: amp.AMP, name: bytes, remote: str = "192.0.2.9", options: Any = ()) -> Deferred:
+    return client.callRemote(commands.ReadRequest, request_id=7, local_ip="192.0.2.1", local_port=69,
+                             remote_ip=remote, remote_port=2000, filename=name, mode="octet",
+                             options=[{"name": k, "value": v} for k, v in options])
+
+
+async def pull(client: amp.AMP, answer: Dict[str, Any], chunk: int = CHUNK_MAX, limit: int = 10_000) -> bytes:
+    """The whole of a stream answer: its first bytes, then ReadChunks until eof; closes it."""
+    data = [answer["data"]]
+    offset = len(answer["data"])
+    for _ in range(limit):
+        got = await client.callRemote(commands.ReadChunk, stream_id=answer["stream_id"], offset=offset, length=chunk)
+        data.append(got["data"])
+        offset += len(got["data"])
+        if got["eof"]:
+            client.callRemote(commands.CloseStream, stream_id=answer["stream_id"])
+            return b"".join(data)
+    raise AssertionError("stream without end")
+
+
+def file_of(tmp_path: Any, name: str, size: int) -> Any:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+WINDOW = 64 * 1468
+
+
+async def fetch(client: Any, name: bytes, size: int = WINDOW, **where: Any) -> bytes:
+    reader = await get_reader(client, name, **where)
+    try:
+        return await read_all(reader, size)
+    finally:
+        reader.finish()
+
+
+def inner(reader: Any) -> Any:
+    return reader.reader
+
+
+def files(tmp_path: Path) -> Dict[str, Path]:
+    out = {}
+    for name, size in [("big", 300_000), ("path", 200_000), ("small", 1000)]:
+        out[name] = tmp_path / name
+        out[name].write_bytes(os.urandom(size))
+    return out
+
+
+def ephemeral(tmp_path: Path, size: int = 100_000) -> Callable[[], PathReader]:
+    counter = [0]
+
+    def make() -> PathReader:
+        counter[0] += 1
+        path = tmp_path / f"eph-{counter[0]}"
+        path.write_bytes(pattern(0, size))
+        return PathReader(str(path), ephemeral=True)
+
+    return make

@@ -1,13 +1,8 @@
-"""The legacy MAAS offload wire format (MAAS 2.2 to 3.4) as a backend.
+"""`LegacyBackend`: ask a MAAS 2.2-3.4 rack controller (rackd) what to serve, over its legacy offload socket.
 
-With `tftp_port: 0`, a MAAS 2.2-3.4 rack controller (rackd) serves no TFTP
-itself: it listens on a UNIX stream socket (`/var/lib/maas/tftp-offload.sock`)
-and answers one request per connection in a small NUL-delimited format (see
-docs/legacy.md):
-
-    request:  <local IP> NUL <client IP> NUL <filename> NUL $
-    reply:    - NUL <kind> NUL <path> NUL $       kind: "-" (static) or "EPH" (delete after serving)
-         or:  <code> NUL <UTF-8 message> NUL $
+With `tftp_port: 0`, rackd serves no TFTP itself: it listens on a UNIX stream socket
+(`/var/lib/maas/tftp-offload.sock`) and answers one request per connection in the format
+`legacy_wire` encodes and parses (see docs/legacy.md).
 
 Everything here follows from that format's sharp edges:
 
@@ -32,10 +27,8 @@ Everything here follows from that format's sharp edges:
 
 from __future__ import annotations
 
-import ipaddress
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, Optional, Set, Union
+from typing import Any, Dict, Optional, Set
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -43,146 +36,36 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.python import context
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ..backends.outage import Outage, explain
+from ..context import RequestContext
 from ..errors import AccessViolation, BackendError, FileNotFound, TFTPError, Unsupported
 from ..interfaces import IBackend
 from ..readers import FileReader, discard_ephemeral, open_ephemeral, open_regular
 from ..server import LOOKUP_TIMEOUT
-from .outage import Outage, explain
+from .legacy_wire import (
+    MAX_REPLY,
+    TERMINATOR,
+    ErrorAnswer,
+    FileAnswer,
+    MalformedReply,
+    encode_request,
+    error_for_answer,
+    parse_reply,
+    quote,
+)
 
 log = Logger()
 
-MAX_REPLY = 65536
-"""Bytes of reply accepted: a path is at most PATH_MAX (4096); anything far longer is not a reply."""
-
 LATE_GRACE = 10.0
 """Seconds after the timeout a late answer is still read, so that its ephemeral file is deleted."""
-
-_SHOWN = 200
-"""Bytes of a bad reply quoted in the log: enough to recognise it, not enough to flood."""
-
-_TERMINATOR = b"\0$"
-_STATIC, _EPHEMERAL = b"-", b"EPH"
 
 # What the client is told when rackd's answer is unusable; the log line says why in detail.
 NO_ANSWER = "Backend did not answer in time"
 UNREACHABLE = "Backend unavailable"
 INVALID = "Backend sent an invalid answer"
-
-
-class MalformedReply(ValueError):
-    """rackd's reply does not follow the format; the text says how, for the log."""
-
-
-@dataclass(frozen=True)
-class FileAnswer:
-    """A success reply: serve `path`; delete it afterwards when `ephemeral` (kind `EPH`)."""
-
-    path: bytes
-    ephemeral: bool
-
-
-@dataclass(frozen=True)
-class ErrorAnswer:
-    """A failure reply: a TFTP error code (rackd always sends 0) and its message."""
-
-    code: int
-    message: str
-
-
-def wire_host(host: str) -> bytes:
-    """An address as the format carries it: plain text, IPv4-mapped IPv6 as IPv4, no zone.
-
-    rackd renders boot URLs from the local address and looks the client up by
-    its address, so both must be the plain form it knows (`10.0.0.1`, not
-    `::ffff:10.0.0.1`); a link-local zone (`%2`, which our listener adds) is
-    not part of an address rackd could match. Anything that is not an IP
-    address cannot be sent: it could carry a NUL and shift every field.
-    """
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        raise BackendError(f"not an IP address: {host!r}") from None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address).encode("ascii")
-
-
-def encode_request(local: str, client: str, file_name: bytes) -> bytes:
-    """The whole request, to be written at once. Ports are not part of the format.
-
-    A filename with a NUL would shift rackd's fields, so it is refused here,
-    clearly. Anything else goes as the client sent it: rackd serves non-ASCII
-    names (`caf\u00e9.txt`) like any other.
-    """
-    if b"\0" in file_name:
-        raise AccessViolation("Access violation: NUL in filename")
-    return b"\0".join((wire_host(local), wire_host(client), file_name)) + _TERMINATOR
-
-
-def parse_reply(reply: bytes) -> Union[FileAnswer, ErrorAnswer]:
-    """Parse one complete reply (everything up to EOF), strictly; raise `MalformedReply`."""
-    if not reply:
-        raise MalformedReply("empty reply: the connection closed without an answer")
-    if not reply.endswith(_TERMINATOR):
-        if _TERMINATOR in reply:
-            raise MalformedReply("bytes after the terminating NUL $")
-        raise MalformedReply("truncated reply: no terminating NUL $")
-    fields = reply[: -len(_TERMINATOR)].split(b"\0")
-    if fields[0] == b"-":
-        if len(fields) != 3:
-            raise MalformedReply(f"a success reply has 3 fields, this one {len(fields)}")
-        kind, path = fields[1], fields[2]
-        if kind not in (_STATIC, _EPHEMERAL):
-            raise MalformedReply(f"unknown kind {kind!r} (expected '-' or 'EPH')")
-        if not path.startswith(b"/"):
-            raise MalformedReply(f"path {path!r} is not absolute")
-        return FileAnswer(path, kind == _EPHEMERAL)
-    if len(fields) != 2:
-        raise MalformedReply(f"an error reply has 2 fields, this one {len(fields)}")
-    code, message = fields
-    if not (code.isdigit() and code.isascii() and len(code) <= 5 and int(code) <= 0xFFFF):
-        raise MalformedReply(f"error code {code!r} is not a number from 0 to 65535")
-    try:
-        text = message.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedReply("error message is not UTF-8") from None
-    return ErrorAnswer(int(code), text)
-
-
-def error_for_answer(answer: ErrorAnswer) -> TFTPError:
-    """The exception that gives the client the TFTP error rackd meant.
-
-    rackd sends code 0 for everything and says what it means in the message,
-    so a message starting `File not found` is error 1, and one starting
-    `Insecure path` (a traversal: `../../etc/passwd`) is error 2, as rackd's
-    own TFTP server sends them. Both texts name server paths, which are not
-    the client's business: the client gets the standard text. So does any
-    other message that holds a path (a `/`); the rest are passed on.
-    """
-    message = answer.message
-    if answer.code == FileNotFound.code or message.startswith("File not found"):
-        return FileNotFound("File not found")
-    if answer.code == AccessViolation.code or message.startswith("Insecure path"):
-        return AccessViolation(_shown(message, "Access violation"))
-    if answer.code == Unsupported.code:
-        return Unsupported(_shown(message, "Unsupported operation"))
-    return BackendError(_shown(message, "Backend error"))
-
-
-def _shown(message: str, standard: str) -> str:
-    """rackd's message for the client, unless it is empty or names a path (then the standard text)."""
-    if not message or "/" in message or "\\" in message or message.startswith("Insecure path"):
-        return standard
-    return message
-
-
-def _quote(reply: bytes) -> str:
-    shown = repr(reply[:_SHOWN])
-    return shown + (f" ... ({len(reply)} bytes)" if len(reply) > _SHOWN else "")
 
 
 class _Exchange(Protocol):
@@ -230,7 +113,7 @@ class _OneExchange(Factory):
         return self.exchange
 
 
-class _Lookup:
+class _Asking:
     """One request to rackd, from connecting to a reader (or an error), bounded by `timeout`.
 
     `result` is what the server waits for: it fails at `timeout` (the client
@@ -292,13 +175,13 @@ class _Lookup:
             self.result.errback(exception)
 
     def _end(self) -> None:
-        self.backend._ended(self)
+        self.backend.exchange_over(self)
         if not self.done.called:
             self.done.callback(None)
 
     def _not_connected(self, failure: Failure) -> None:
         self._stop_timer()
-        self.backend.connected = False
+        self.backend.note_connection(False)
         try:
             if self.timed_out:
                 log.warn("rackd at {socket} did not accept a connection within {timeout}s (request for {name})",
@@ -306,14 +189,14 @@ class _Lookup:
                          outcome="backend-timeout")
                 self._fail(BackendError(NO_ANSWER))
                 return
-            self.backend._unreachable(self.file_name, failure)
+            self.backend.unreachable(self.file_name, failure)
             self._fail(BackendError(UNREACHABLE))
         finally:
             self._end()
 
     def _replied(self, reply: bytes) -> None:
         self._stop_timer()
-        self.backend.connected = True
+        self.backend.note_connection(True)
         try:
             self._handle(reply)
         finally:
@@ -324,24 +207,24 @@ class _Lookup:
         late = self.timed_out or self.result.called
         if self.exchange.oversized:
             log.warn("Reply from rackd at {socket} for {name} exceeds {limit} bytes: {reply}", socket=socket_path,
-                     **_names(self.file_name), limit=MAX_REPLY, reply=_quote(reply), outcome="backend-error")
+                     **_names(self.file_name), limit=MAX_REPLY, reply=quote(reply), outcome="backend-error")
             self._fail(BackendError(INVALID))
             return
-        if self.closed_by_us is not None and not reply.endswith(_TERMINATOR):
+        if self.closed_by_us is not None and not reply.endswith(TERMINATOR):
             # Our doing, not rackd's: say so, not "the connection closed without an answer".
             log.info("Stopped waiting for rackd at {socket} over {name}: {why} (got {reply})", socket=socket_path,
-                     **_names(self.file_name), why=self.closed_by_us, reply=_quote(reply))
+                     **_names(self.file_name), why=self.closed_by_us, reply=quote(reply))
             self._fail(BackendError(NO_ANSWER))
             return
         try:
             answer = parse_reply(reply)
         except MalformedReply as e:
             log.warn("Invalid reply from rackd at {socket} for {name}: {reason}; reply {reply}",
-                     socket=socket_path, **_names(self.file_name), reason=str(e), reply=_quote(reply),
+                     socket=socket_path, **_names(self.file_name), reason=str(e), reply=quote(reply),
                      outcome="backend-error")
             self._fail(BackendError(INVALID))
             return
-        self.backend._reachable()
+        self.backend.reachable()
         if isinstance(answer, ErrorAnswer):
             log.debug("rackd refused {name}: {code} {message}", **_names(self.file_name), code=answer.code,
                       message=answer.message)
@@ -424,17 +307,16 @@ class LegacyBackend(Service):
         self.connected: Optional[bool] = None
         """Whether the last request reached rackd (None before the first): one connection per request,
         so this is as near as the legacy format comes to a connection state (`tftp_backend_up`)."""
-        self.lookups: Set[_Lookup] = set()
+        self.lookups: Set[_Asking] = set()
         """Exchanges with rackd not yet over."""
         self.outage = Outage(log, "rackd", socket_path, reactor)
 
     def get_reader(self, file_name: bytes) -> Deferred[FileReader]:
-        local: Optional[Any] = context.get("local")
-        remote: Optional[Any] = context.get("remote")
-        if local is None or remote is None:
+        asked = RequestContext.current()
+        if asked is None:
             raise BackendError("Backend error: no request addresses (called outside a TFTP request)")
-        request = encode_request(local[0], remote[0], file_name)
-        lookup = _Lookup(self, file_name, request)
+        request = encode_request(asked.local[0], asked.remote[0], file_name)
+        lookup = _Asking(self, file_name, request)
         if not lookup.done.called:
             self.lookups.add(lookup)
         return lookup.result
@@ -452,14 +334,21 @@ class LegacyBackend(Service):
                  count=len(running), seconds=self.timeout + self.late_grace)
         return DeferredList(running)
 
-    def _ended(self, lookup: _Lookup) -> None:
+    def note_connection(self, made: bool) -> None:
+        """An exchange did (or could not) connect to rackd: what `connected` reports."""
+        self.connected = made
+
+    def exchange_over(self, lookup: _Asking) -> None:
+        """An exchange is over, whatever its outcome: stopping no longer waits for it."""
         self.lookups.discard(lookup)
 
-    def _unreachable(self, file_name: bytes, failure: Failure) -> None:
+    def unreachable(self, file_name: bytes, failure: Failure) -> None:
+        """An exchange could not reach rackd: the outage is told (it logs once, then rarely)."""
         self.outage.went(explain(self.socket_path, failure))
         self.outage.refused += 1
         log.debug("Refused {name}: rackd at {socket} is unavailable ({error})", socket=self.socket_path,
                   **_names(file_name), error=failure.getErrorMessage(), outcome="backend-unavailable")
 
-    def _reachable(self) -> None:
+    def reachable(self) -> None:
+        """rackd answered in its format: if it was down, it is back."""
         self.outage.back()

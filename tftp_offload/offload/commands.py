@@ -1,10 +1,10 @@
-"""The offload protocol: AMP commands spoken over a UNIX socket between the TFTP server and a backend.
+"""The offload protocol's commands: what the TFTP server and a backend say to each other over a UNIX socket.
 
-Both sides import this module: the server's client (`backends.amp.AMPBackend`)
-and the backend-side responder (`responder`). docs/offload-protocol.md
+Both sides import this module: the server's client (`offload.client.AMPBackend`)
+and the backend-side responder (`offload.responder`). docs/offload-protocol.md
 describes every argument and the versioning rules; the doc and this module
-must change together (tests/test_offload.py checks that every argument named
-here is documented there).
+must change together (tests/offload/test_commands.py checks that every argument
+named here is documented there).
 
 The shape, in one breath: the server says `Hello`, then sends one
 `ReadRequest` per RRQ it cannot answer from its short-lived cache, and gets
@@ -25,11 +25,9 @@ client. After each transfer the server may send `TransferFinished`.
 
 from __future__ import annotations
 
-from typing import Dict, Type
-
 from twisted.protocols import amp
 
-from . import errors
+from ..errors import AMP_ERRORS, BackendError
 
 PROTOCOL_VERSION = 1
 """The highest version this code speaks; `Hello` settles on min(ours, theirs)."""
@@ -75,23 +73,6 @@ class BadRequest(Exception):
     """A request the responder cannot make sense of (a chunk too large, an offset out of order)."""
 
 
-TFTP_ERRORS: Dict[Type[Exception], bytes] = {
-    errors.FileNotFound: b"FILE_NOT_FOUND",  # TFTP error 1
-    errors.AccessViolation: b"ACCESS_VIOLATION",  # TFTP error 2
-    errors.Unsupported: b"ILLEGAL_OPERATION",  # TFTP error 4
-    errors.BackendError: b"BACKEND_ERROR",  # TFTP error 0, the message goes to the client
-}
-"""The typed errors of a lookup. AMP sends the exception's text along; the server's
-`errors.error_for` turns the class back into the TFTP code, and the text into the message."""
-
-ERROR_FOR_CODE: Dict[int, Type[errors.TFTPError]] = {
-    1: errors.FileNotFound,
-    2: errors.AccessViolation,
-    4: errors.Unsupported,
-}
-"""TFTP code -> the class that carries it over AMP; any other code travels as `BackendError`."""
-
-
 class Hello(amp.Command):
     """Server -> backend, first thing on every connection: agree on a version and capabilities."""
 
@@ -131,7 +112,7 @@ class ReadRequest(amp.Command):
         (b"stream_id", amp.Integer(optional=True)),
         (b"max_age", amp.Float(optional=True)),
     ]
-    errors = dict(TFTP_ERRORS)
+    errors = dict(AMP_ERRORS)  # the typed errors of a lookup: errors.ERRORS, declared once
 
 
 class ReadChunk(amp.Command):
@@ -146,7 +127,7 @@ class ReadChunk(amp.Command):
         (b"data", amp.String()),
         (b"eof", amp.Boolean()),
     ]
-    errors = {StreamGone: b"STREAM_GONE", BadRequest: b"BAD_REQUEST", errors.BackendError: b"BACKEND_ERROR"}
+    errors = {StreamGone: b"STREAM_GONE", BadRequest: b"BAD_REQUEST", BackendError: AMP_ERRORS[BackendError]}
 
 
 class CloseStream(amp.Command):
@@ -189,7 +170,3 @@ def settle_version(theirs: int, their_min: int) -> int:
         )
     return version
 
-
-def typed_error(code: int, message: str) -> errors.TFTPError:
-    """The exception that carries TFTP error `code` and `message` over AMP."""
-    return ERROR_FOR_CODE.get(code, errors.BackendError)(message)

@@ -1,4 +1,4 @@
-"""The offload protocol module: its schema, its documentation, its error mapping (no reactor, no sockets)."""
+"""The offload commands (offload/commands.py): schema, documentation, errors (no reactor, no sockets)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from twisted.protocols import amp
 
-from tftp_offload import errors, offload
+from tftp_offload import errors
 from tftp_offload.errors import error_for
-from tftp_offload.reference import PATTERN_PERIOD, pattern
+from tftp_offload.offload import commands
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "offload-protocol.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "offload-protocol.md"
 
 
 def doc_section(command: type) -> str:
@@ -27,7 +27,7 @@ def names(arglist: List[Tuple[bytes, Any]]) -> List[str]:
     return [name.decode() for name, _ in arglist]
 
 
-@pytest.mark.parametrize("command", offload.COMMANDS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("command", commands.COMMANDS, ids=lambda c: c.__name__)
 def test_every_argument_is_documented(command: Any) -> None:
     """The doc's table for each command names every argument and answer field the module defines."""
     section = doc_section(command)
@@ -41,13 +41,13 @@ def test_every_outcome_a_report_carries_is_documented() -> None:
     """TransferFinished's `outcome` takes the values of stats.OUTCOMES, each described in the doc, and no other."""
     from tftp_offload.stats import OUTCOMES
 
-    documented = re.findall(r"^- `([a-z-]+)`: ", doc_section(offload.TransferFinished), re.M)
+    documented = re.findall(r"^- `([a-z-]+)`: ", doc_section(commands.TransferFinished), re.M)
     assert sorted(documented) == sorted(OUTCOMES)
 
 
 def test_documented_arguments_exist() -> None:
     """...and the doc describes no argument the module does not have (it would mislead backend authors)."""
-    for command in offload.COMMANDS:
+    for command in commands.COMMANDS:
         known = set(names(command.arguments) + names(getattr(command, "response", [])))
         known |= {code.decode() for code in command.errors.values()}
         documented = set(re.findall(r"^\| `(\w+)` \|", doc_section(command), re.M))
@@ -59,25 +59,25 @@ def test_documented_arguments_exist() -> None:
 def test_typed_errors_round_trip_to_tftp_codes(code: int, cls: type) -> None:
     """What the responder raises for a TFTP code comes back, through error_for, as the same code and text
     (codes without an AMP error of their own travel as 0, which every client understands)."""
-    exc = offload.typed_error(code, "the message")
+    exc = errors.carrier(code, "the message")
     assert type(exc) is cls
-    assert exc.__class__ in offload.ReadRequest.errors
+    assert exc.__class__ in commands.ReadRequest.errors
     assert error_for(exc) == (code if code in (1, 2, 4) else 0, "the message", True)
 
 
 def test_every_declared_error_has_a_distinct_code() -> None:
-    for command in offload.COMMANDS:
+    for command in commands.COMMANDS:
         codes = list(command.errors.values())
         assert len(codes) == len(set(codes)), command
 
 
 def test_version_settling() -> None:
-    assert offload.settle_version(7, 1) == offload.PROTOCOL_VERSION
-    assert offload.settle_version(1, 1) == 1
-    with pytest.raises(offload.IncompatibleVersion):
-        offload.settle_version(offload.PROTOCOL_VERSION + 5, offload.PROTOCOL_VERSION + 1)
-    with pytest.raises(offload.IncompatibleVersion):
-        offload.settle_version(0, 0)
+    assert commands.settle_version(7, 1) == commands.PROTOCOL_VERSION
+    assert commands.settle_version(1, 1) == 1
+    with pytest.raises(commands.IncompatibleVersion):
+        commands.settle_version(commands.PROTOCOL_VERSION + 5, commands.PROTOCOL_VERSION + 1)
+    with pytest.raises(commands.IncompatibleVersion):
+        commands.settle_version(0, 0)
 
 
 def serialize_response(command: Any, values: Dict[str, Any]) -> bytes:
@@ -87,19 +87,19 @@ def serialize_response(command: Any, values: Dict[str, Any]) -> bytes:
 
 def test_largest_answers_fit_an_amp_value() -> None:
     """An inline answer, a stream's first bytes (one more than inline) and a chunk must not hit amp.TooLong."""
-    assert offload.INLINE_MAX + 1 <= offload.AMP_VALUE_MAX
-    serialize_response(offload.ReadRequest, {"kind": "inline", "data": b"x" * offload.INLINE_MAX, "size": 1})
-    serialize_response(offload.ReadRequest, {"kind": "stream", "data": b"x" * (offload.INLINE_MAX + 1),
+    assert commands.INLINE_MAX + 1 <= commands.AMP_VALUE_MAX
+    serialize_response(commands.ReadRequest, {"kind": "inline", "data": b"x" * commands.INLINE_MAX, "size": 1})
+    serialize_response(commands.ReadRequest, {"kind": "stream", "data": b"x" * (commands.INLINE_MAX + 1),
                                              "stream_id": 1})
-    serialize_response(offload.ReadChunk, {"data": b"x" * offload.CHUNK_MAX, "eof": False})
+    serialize_response(commands.ReadChunk, {"data": b"x" * commands.CHUNK_MAX, "eof": False})
     with pytest.raises(amp.TooLong):
-        serialize_response(offload.ReadChunk, {"data": b"x" * (offload.AMP_VALUE_MAX + 1), "eof": False})
+        serialize_response(commands.ReadChunk, {"data": b"x" * (commands.AMP_VALUE_MAX + 1), "eof": False})
 
 
 def test_optional_answer_fields_may_be_absent() -> None:
     """Answers carry only their kind's fields; the rest parse as None (what the server tests for)."""
-    wire = serialize_response(offload.ReadRequest, {"kind": "inline", "data": b"abc"})
-    parsed = offload.ReadRequest.parseResponse(amp.parse(_file(wire))[0], None)
+    wire = serialize_response(commands.ReadRequest, {"kind": "inline", "data": b"abc"})
+    parsed = commands.ReadRequest.parseResponse(amp.parse(_file(wire))[0], None)
     assert parsed["data"] == b"abc"
     assert parsed["size"] is None and parsed["fd"] is None and parsed["stream_id"] is None
 
@@ -111,13 +111,5 @@ def _file(data: bytes) -> Any:
 
 
 def test_capabilities_cover_every_kind() -> None:
-    assert set(offload.KINDS) <= set(offload.CAPABILITIES)
-    assert set(offload.BASELINE_KINDS) <= set(offload.KINDS)
-
-
-@pytest.mark.parametrize("offset,length", [(0, 10), (PATTERN_PERIOD - 3, 10), (5, 3 * PATTERN_PERIOD + 7), (0, 0)])
-def test_reference_pattern_is_one_endless_sequence(offset: int, length: int) -> None:
-    """pattern(a, n) is a window on one periodic sequence, whatever the window (the tests rely on it)."""
-    whole = pattern(0, offset + length)
-    assert pattern(offset, length) == whole[offset:]
-    assert len(pattern(offset, length)) == length
+    assert set(commands.KINDS) <= set(commands.CAPABILITIES)
+    assert set(commands.BASELINE_KINDS) <= set(commands.KINDS)
