@@ -29,6 +29,7 @@ from tests.support import legacy_responder
 from tests.support.inprocess import Serving, download, get_reactor, serve  # noqa: F401  (fixture)
 from tests.support.offload_support import open_fds, short_dir, turn, wait_for
 from tftp_offload import errors
+from tftp_offload.config import lookup_timeout_for
 from tftp_offload.offload import commands
 from tftp_offload.offload.client import AMPBackend
 from tftp_offload.offload.legacy import LegacyBackend
@@ -178,7 +179,7 @@ async def test_amp_backend_faults(serve: Serving, faulty: Tuple[str, FaultyFacto
     backend = AMPBackend(path, timeout=TIMEOUT, cache_ttl=0)
     backend.startService()
     try:
-        service = serve(backend, lookup_timeout=TIMEOUT + 1)
+        service = serve(backend, lookup_timeout=lookup_timeout_for(TIMEOUT))
         got, _ = await fetch(serve, service, b"ok/warm-up")
         assert got.complete and got.data == OK
         await turn(0.2)
@@ -230,7 +231,7 @@ async def test_legacy_backend_faults(serve: Serving) -> None:
     _state, port = legacy_responder.listen(get_reactor(), str(base / "rackd.sock"), root, eph)
     backend = LegacyBackend(str(base / "rackd.sock"), timeout=TIMEOUT, late_grace=2.0)
     try:
-        service = serve(backend, lookup_timeout=TIMEOUT + 1)
+        service = serve(backend, lookup_timeout=lookup_timeout_for(TIMEOUT))
         before = open_fds()
         for name, code, message in [*LEGACY_FAULTS, ("fifo", 2, "Access violation: not a regular file")]:
             got, took = await fetch(serve, service, name.encode())

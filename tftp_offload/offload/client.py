@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..backends.outage import Outage, explain
+from ..config import LOOKUP_TIMEOUT
 from ..context import RequestContext
 from ..errors import BackendError, TFTPError, Unsupported
 from ..interfaces import IBackend
@@ -65,8 +66,8 @@ class AMPBackend(Service):
     when there was no connection to ask on) and the listener carries on.
     """
 
-    def __init__(self, socket_path: str, timeout: float = 4.0, reactor: Any = None, cache_ttl: float = CACHE_TTL,
-                 retry_max_delay: float = RETRY_MAX_DELAY) -> None:
+    def __init__(self, socket_path: str, timeout: float = LOOKUP_TIMEOUT, reactor: Any = None,
+                 cache_ttl: float = CACHE_TTL, retry_max_delay: float = RETRY_MAX_DELAY) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.socket_path = socket_path

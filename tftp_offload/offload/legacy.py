@@ -40,11 +40,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..backends.outage import Outage, explain
+from ..config import LOOKUP_TIMEOUT
 from ..context import RequestContext
 from ..errors import AccessViolation, BackendError, FileNotFound, TFTPError, Unsupported
 from ..interfaces import IBackend
 from ..readers import FileReader, discard_ephemeral, open_ephemeral, open_regular
-from ..server import LOOKUP_TIMEOUT
 from .legacy_wire import (
     MAX_REPLY,
     TERMINATOR,
