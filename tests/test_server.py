@@ -756,10 +756,12 @@ async def test_finished_sessions_are_freed_without_the_cycle_collector(serve: Se
     import gc
 
     from tftp_offload.engine import ReadTransfer
+    from tftp_offload.lookup import BoundedLookup
     from tftp_offload.server import Session
+    from tftp_offload.transfer import Transfer
 
     def alive() -> List[Any]:
-        return [o for o in gc.get_objects() if isinstance(o, (Session, ReadTransfer))]
+        return [o for o in gc.get_objects() if isinstance(o, (Session, Transfer, ReadTransfer, BoundedLookup))]
 
     backend = Backend({b"file": FILE, b"big": LARGE})
     service = serve(backend, limits=Limits(timeout=0.05, give_up=0.2))
