@@ -198,8 +198,7 @@ def test_sigterm_under_a_storm(tmp_path: Path, reactor_name: str, servers: List[
     """SIGTERM during 200 transfers and 20 lookups in flight, through the AMP reference backend:
     lookups and transfers that can finish within --drain-timeout do, the rest are aborted with
     ERROR 0, the process is gone within --drain-timeout plus a second, and no ephemeral file is left."""
-    from offload_support import fd_count, short_dir, start_backend
-
+    from tests.support.offload_support import fd_count, short_dir, start_backend
     from tftp_offload.reference import pattern
 
     drain = 3.0
