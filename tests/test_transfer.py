@@ -421,3 +421,22 @@ def test_drain_answers_a_lookup_still_waiting_with_an_error(driver: Driver) -> N
     driver.backend.pending[0].callback(late)
     assert late.finished == 1 and late.reads == 0
     done(driver)
+
+
+# ---------------------------------------------------------------- single port --
+
+
+def test_single_port_serves_from_the_listener(driver: Driver) -> None:
+    """--single-port: no port is opened; the client's ACKs to the listener reach its transfer."""
+    driver.server.single_port = True
+    driver.rrq()
+    assert driver.ports.opened == []
+    driver.rrq(raw=wire.ack(1))
+    driver.rrq(raw=wire.ack(1), client=("192.0.2.8", 2000))  # a stranger's ACK: ERROR 5, from the listener
+    sent = [(int.from_bytes(d[2:4], "big") if wire.opcode_of(d) == wire.DATA else wire.parse_error(d), to, source)
+            for d, to, source in driver.listener.replies]
+    assert sent == [(1, CLIENT, LOCAL), (2, CLIENT, LOCAL), ((5, "Unknown transfer ID"), ("192.0.2.8", 2000), LOCAL)]
+    for block in range(2, 6):
+        driver.rrq(raw=wire.ack(block))
+    assert [e["outcome"] for e in driver.ends()] == ["complete"]
+    done(driver)

@@ -8,9 +8,11 @@ timer follows the engine's deadline, and at the end the reader hears how it
 went (`transfer_finished`) and is finished. The session then writes the log
 line and forgets the request.
 
-This is the hot path (an ACK in, the next DATA out): `datagramReceived` does
-one engine call, one send, and compares two floats for the timer; nothing is
-allocated here beyond what the engine returns (see docs/architecture.md).
+This is the hot path (an ACK in, the next DATA out): `datagramReceived` reads
+the clock once, makes one engine call and one send, and compares two floats
+for the timer, which is left alone unless the deadline moved earlier (the
+engine moves it on every ACK; a timer firing early just follows it). What one
+datagram allocates end to end is listed in docs/architecture.md.
 """
 
 from __future__ import annotations
