@@ -38,6 +38,9 @@ log = Logger(namespace="tftp_offload")
 class Session:
     """One RRQ: the lookup phase here, the transfer phase in `self.transfer`, one end."""
 
+    __slots__ = ("server", "request", "raw", "client", "wire_client", "local", "listener", "started", "local_port",
+                 "size", "transfer", "outcome", "last_arrival", "error", "answered_at", "_backend_reader", "_lookup")
+
     def __init__(self, server: "TFTPServer", request: Request, raw: bytes, client: Address,
                  wire_client: Address, local: str, listener: RequestPort, now: float) -> None:
         self.server = server
