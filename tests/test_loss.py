@@ -1,6 +1,6 @@
 """Loss, duplication, reordering and delay: on the driver's clock, on a real lossy path, and through a relay.
 
-- The driver (`Session`) on `task.Clock`, with the transfer port replaced by a
+- The driver (`Session`, `Transfer`) on `task.Clock`, with the transfer port replaced by a
   recorder: when its timer fires, not just what the engine decides.
 - A real path: a `twistd -n tftp-offload` in one network namespace, the client
   (tests/support/tftp_client.py) in another, a veth between them and nftables dropping
@@ -119,7 +119,8 @@ def clocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[Tuple[TFTPServer, task.
 def start(server: TFTPServer, options: Optional[Dict[str, str]] = None) -> Tuple[Any, RecordingPort]:
     server.request_received(Listener(), tftp_client.rrq(b"file", options=options), CLIENT, LOCAL,  # type: ignore[arg-type]
                             time.time())
-    return server.sessions[CLIENT], RecordingPort.made[-1]
+    port = RecordingPort.made[-1]
+    return port.proto, port  # what the transfer socket delivers datagrams to (a transfer.Transfer)
 
 
 def test_timer_follows_a_deadline_moved_earlier(clocked: Tuple[TFTPServer, task.Clock]) -> None:

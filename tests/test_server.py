@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import pytest_twisted
@@ -21,6 +21,7 @@ from tests.support import tftp_client as wire
 from tests.support.inprocess import (
     QUIET,
     Backend,
+    Peer,
     Reader,
     ReportingReader,
     Serving,
@@ -47,6 +48,22 @@ LARGE = os.urandom(100_000)
 
 def port_of(service: TFTPOffloadService, index: int = 0) -> int:
     return int(service.ports[index].getHost().port)
+
+
+Start = Callable[..., Tuple[TFTPOffloadService, Tuple[str, int], Peer]]
+
+
+@pytest.fixture
+def start(serve: Serving) -> Start:
+    """start(backend, **service options) -> (service, its address on 127.0.0.1, a client): most tests' prologue.
+
+    The service and the client are `serve`'s, so its end-of-test checks (nothing left behind) apply.
+    """
+    def started(backend: Any, **options: Any) -> Tuple[TFTPOffloadService, Tuple[str, int], Peer]:
+        service = serve(backend, **options)
+        return service, ("127.0.0.1", port_of(service)), serve.peer()
+
+    return started
 
 
 def has_ipv6_loopback() -> bool:
@@ -109,7 +126,7 @@ async def test_replies_come_from_the_address_asked(serve: Serving, listen: str, 
 
 @pytest.mark.parametrize("slow_backend", [False, True], ids=["sync-backend", "deferred-backend"])
 @pytest_twisted.ensureDeferred
-async def test_duplicate_request_is_one_transfer(serve: Serving, slow_backend: bool) -> None:
+async def test_duplicate_request_is_one_transfer(start: Start, slow_backend: bool) -> None:
     """A ROM's retransmitted RRQ 5 ms later: one backend call, one transfer, one TID."""
     backend = Backend({b"file": FILE})
     if slow_backend:
@@ -119,9 +136,7 @@ async def test_duplicate_request_is_one_transfer(serve: Serving, slow_backend: b
             return d
 
         backend.answer = answer
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    _, server, peer = start(backend)
     request = wire.rrq(b"file", b"octet", {"blksize": "512"})
     peer.send(request, server)
     await sleep(0.005)
@@ -138,17 +153,15 @@ async def test_duplicate_request_is_one_transfer(serve: Serving, slow_backend: b
 
 
 @pytest_twisted.ensureDeferred
-async def test_duplicate_read_after_its_transfer_completed_is_ignored(serve: Serving) -> None:
+async def test_duplicate_read_after_its_transfer_completed_is_ignored(start: Start) -> None:
     """A one-block file can be sent and ACKed before the reactor reads the ROM's duplicate RRQ.
 
     The duplicate arrived (kernel time) while the transfer ran: no second transfer. The same
     request arriving after the end is a client reusing its port for a new request: served.
     """
     backend = Backend({b"small": b"x" * 100})
-    service = serve(backend)
+    service, server, peer = start(backend)
     listener = service.ports[0]
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
     request = wire.rrq(b"small", b"octet")
     peer.send(request, server)
     sent = time.time()
@@ -180,12 +193,10 @@ async def test_duplicate_read_after_its_transfer_completed_is_ignored(serve: Ser
 
 
 @pytest_twisted.ensureDeferred
-async def test_same_request_after_a_client_error_is_served(serve: Serving) -> None:
+async def test_same_request_after_a_client_error_is_served(start: Start) -> None:
     """Only completed transfers are remembered: a request again after the client's ERROR is new."""
     backend = Backend({b"small": b"x" * 100})
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    service, server, peer = start(backend)
     request = wire.rrq(b"small", b"octet", {"tsize": "0"})
     peer.send(request, server)
     reply, tid = await peer.recv()
@@ -201,11 +212,9 @@ async def test_same_request_after_a_client_error_is_served(serve: Serving) -> No
 
 
 @pytest_twisted.ensureDeferred
-async def test_uefi_size_probe_then_transfer_from_the_same_port(serve: Serving) -> None:
+async def test_uefi_size_probe_then_transfer_from_the_same_port(serve: Serving, start: Start) -> None:
     backend = Backend({b"file": FILE})
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    service, server, peer = start(backend)
 
     peer.send(wire.rrq(b"file", b"octet", {"tsize": "0", "blksize": "1468"}), server)
     reply, tid = await peer.recv()
@@ -226,11 +235,10 @@ async def test_uefi_size_probe_then_transfer_from_the_same_port(serve: Serving) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_write_request_refused(serve: Serving) -> None:
+async def test_write_request_refused(start: Start) -> None:
     backend = Backend({b"file": FILE})
-    service = serve(backend)
-    peer = serve.peer()
-    peer.send(wire.request(wire.WRQ, b"file", b"octet", {"blksize": "1024"}), ("127.0.0.1", port_of(service)))
+    _, server, peer = start(backend)
+    peer.send(wire.request(wire.WRQ, b"file", b"octet", {"blksize": "1024"}), server)
     reply, _ = await peer.recv()
     assert opcode(reply) == wire.ERROR
     assert wire.parse_error(reply)[0] == 2
@@ -250,22 +258,19 @@ async def test_write_request_refused(serve: Serving) -> None:
     ids=["no-mode", "mail", "empty-name", "bad-number", "no-value", "no-nul"],
 )
 @pytest_twisted.ensureDeferred
-async def test_malformed_request_gets_error_4(serve: Serving, request_: bytes) -> None:
+async def test_malformed_request_gets_error_4(start: Start, request_: bytes) -> None:
     backend = Backend({b"file": FILE})
-    service = serve(backend)
-    peer = serve.peer()
-    peer.send(request_, ("127.0.0.1", port_of(service)))
+    _, server, peer = start(backend)
+    peer.send(request_, server)
     reply, _ = await peer.recv()
     assert opcode(reply) == wire.ERROR and wire.parse_error(reply)[0] == 4, reply
     assert backend.lookups == []
 
 
 @pytest_twisted.ensureDeferred
-async def test_garbage_on_the_request_port_is_ignored(serve: Serving) -> None:
+async def test_garbage_on_the_request_port_is_ignored(start: Start) -> None:
     backend = Backend({b"file": FILE})
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    _, server, peer = start(backend)
     for datagram in (wire.ack(1), data_packet(1, b"x" * 10), wire.error(0, b"what"), b"\0\6blksize\0512\0",
                      b"\0", b"", b"\0\x09abc", b"\xff\xff"):
         peer.send(datagram, server)
@@ -276,11 +281,9 @@ async def test_garbage_on_the_request_port_is_ignored(serve: Serving) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_stranger_on_a_transfer_port_gets_error_5(serve: Serving) -> None:
+async def test_stranger_on_a_transfer_port_gets_error_5(serve: Serving, start: Start) -> None:
     backend = Backend({b"file": FILE})
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    service, server, peer = start(backend)
     stranger = serve.peer()
     elsewhere = serve.peer("127.0.0.3")  # same port number is not enough: the address counts too
 
@@ -302,7 +305,7 @@ async def test_stranger_on_a_transfer_port_gets_error_5(serve: Serving) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_max_sessions_drops_and_recovers(serve: Serving, log_events: List[Dict[str, Any]]) -> None:
+async def test_max_sessions_drops_and_recovers(serve: Serving, start: Start, log_events: List[Dict[str, Any]]) -> None:
     pending: List[Deferred] = []
     backend = Backend({b"file": FILE})
 
@@ -312,9 +315,8 @@ async def test_max_sessions_drops_and_recovers(serve: Serving, log_events: List[
         return d
 
     backend.answer = answer
-    service = serve(backend, max_sessions=2)
-    server = ("127.0.0.1", port_of(service))
-    first, second, third = serve.peer(), serve.peer(), serve.peer()
+    service, server, first = start(backend, max_sessions=2)
+    second, third = serve.peer(), serve.peer()
     first.send(wire.rrq(b"file"), server)
     second.send(wire.rrq(b"file"), server)
     await until(lambda: len(pending) == 2, what="two lookups")
@@ -345,13 +347,11 @@ async def test_max_sessions_drops_and_recovers(serve: Serving, log_events: List[
 
 
 @pytest_twisted.ensureDeferred
-async def test_deferred_reader_with_deferred_reads_and_unknown_size(serve: Serving) -> None:
+async def test_deferred_reader_with_deferred_reads_and_unknown_size(serve: Serving, start: Start) -> None:
     """tx-tftp style: get_reader answers a Deferred; read() answers Deferreds; size None: no tsize."""
     backend = Backend({b"file": LARGE}, size=None, deferred=True)  # larger than one read-ahead
     backend.answer = lambda name: _later(backend.make, name)
-    service = serve(backend)
-    peer = serve.peer()
-    server = ("127.0.0.1", port_of(service))
+    service, server, peer = start(backend)
 
     got = await download(peer, server, b"file", {"tsize": "0", "blksize": "1000", "windowsize": "2"})
     assert got.complete and got.data == LARGE
@@ -383,7 +383,7 @@ def _later(function: Any, *args: Any) -> Deferred:
     ids=["not-found", "access", "unsupported", "backend-error", "unexpected"],
 )
 @pytest_twisted.ensureDeferred
-async def test_backend_errors(serve: Serving, log_events: List[Dict[str, Any]], exception: Exception,
+async def test_backend_errors(start: Start, log_events: List[Dict[str, Any]], exception: Exception,
                               code: int, message: str, deferred: bool) -> None:
     def answer(name: bytes) -> Any:
         if name != b"bad":
@@ -393,9 +393,7 @@ async def test_backend_errors(serve: Serving, log_events: List[Dict[str, Any]], 
         raise exception
 
     backend = Backend({b"file": FILE}, answer=answer)
-    service = serve(backend)
-    peer = serve.peer()
-    server = ("127.0.0.1", port_of(service))
+    _, server, peer = start(backend)
     peer.send(wire.rrq(b"bad"), server)
     reply, source = await peer.recv()
     assert source == server
@@ -413,12 +411,10 @@ async def test_backend_errors(serve: Serving, log_events: List[Dict[str, Any]], 
 
 
 @pytest_twisted.ensureDeferred
-async def test_backend_that_never_answers(serve: Serving) -> None:
+async def test_backend_that_never_answers(start: Start) -> None:
     late: List[Deferred] = []
     backend = Backend({b"file": FILE}, answer=lambda name: late.append(Deferred()) or late[-1])
-    service = serve(backend, lookup_timeout=0.1)
-    peer = serve.peer()
-    server = ("127.0.0.1", port_of(service))
+    service, server, peer = start(backend, lookup_timeout=0.1)
     started = get_reactor().seconds()
     peer.send(wire.rrq(b"file"), server)
     reply, source = await peer.recv()
@@ -437,7 +433,7 @@ async def test_backend_that_never_answers(serve: Serving) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_thread_backend_slower_than_the_timeout(serve: Serving) -> None:
+async def test_thread_backend_slower_than_the_timeout(start: Start) -> None:
     """deferToThread's Deferred cannot be cancelled: a reader it brings late must still be finished."""
     from twisted.internet.threads import deferToThread
 
@@ -448,9 +444,8 @@ async def test_thread_backend_slower_than_the_timeout(serve: Serving) -> None:
         return backend.make(name)
 
     backend.answer = lambda name: deferToThread(slow, name)
-    service = serve(backend, lookup_timeout=0.05)
-    peer = serve.peer()
-    peer.send(wire.rrq(b"file"), ("127.0.0.1", port_of(service)))
+    _, server, peer = start(backend, lookup_timeout=0.05)
+    peer.send(wire.rrq(b"file"), server)
     reply, _ = await peer.recv()
     assert wire.parse_error(reply) == (0, "Backend did not answer in time")
     await until(lambda: backend.readers, what="the thread's answer")
@@ -462,12 +457,11 @@ async def test_thread_backend_slower_than_the_timeout(serve: Serving) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_finish_once_on_complete_client_error_and_timeout(serve: Serving) -> None:
+async def test_finish_once_on_complete_client_error_and_timeout(serve: Serving, start: Start) -> None:
     backend = Backend({b"file": FILE})
-    service = serve(backend, limits=Limits(timeout=0.05, give_up=0.2))
-    server = ("127.0.0.1", port_of(service))
+    service, server, peer = start(backend, limits=Limits(timeout=0.05, give_up=0.2))
 
-    got = await download(serve.peer(), server, b"file")  # complete
+    got = await download(peer, server, b"file")  # complete
     assert got.complete
 
     quitter = serve.peer()  # the client gives up after the first block
@@ -488,12 +482,10 @@ async def test_finish_once_on_complete_client_error_and_timeout(serve: Serving) 
 
 
 @pytest_twisted.ensureDeferred
-async def test_finish_once_when_superseded(serve: Serving) -> None:
+async def test_finish_once_when_superseded(serve: Serving, start: Start) -> None:
     """A new, different request from the same client port ends the old transfer (and finishes its reader)."""
     backend = Backend({b"file": FILE, b"other": FILE[::-1]})
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    service, server, peer = start(backend)
     peer.send(wire.rrq(b"file"), server)
     first, old_tid = await peer.recv()
     assert opcode(first) == wire.DATA
@@ -507,7 +499,7 @@ async def test_finish_once_when_superseded(serve: Serving) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_finish_when_a_read_fails(serve: Serving, log_events: List[Dict[str, Any]]) -> None:
+async def test_finish_when_a_read_fails(serve: Serving, start: Start, log_events: List[Dict[str, Any]]) -> None:
     class Failing(Reader):
         def read(self, size: int) -> Any:
             if self.offset:
@@ -515,9 +507,8 @@ async def test_finish_when_a_read_fails(serve: Serving, log_events: List[Dict[st
             return super().read(size)
 
     backend = Backend({b"file": LARGE}, reader=Failing)  # more than one read
-    service = serve(backend)
-    peer = serve.peer()
-    got = await download(peer, ("127.0.0.1", port_of(service)), b"file", {"blksize": "512"})
+    service, server, peer = start(backend)
+    got = await download(peer, server, b"file", {"blksize": "512"})
     assert got.error == (0, "Error reading the file")
     await serve.settled(service)
     assert backend.readers[0].finished == 1
@@ -525,14 +516,12 @@ async def test_finish_when_a_read_fails(serve: Serving, log_events: List[Dict[st
 
 
 @pytest_twisted.ensureDeferred
-async def test_closed_while_the_backend_thinks(serve: Serving) -> None:
+async def test_closed_while_the_backend_thinks(start: Start) -> None:
     """A lookup still pending when its session is superseded: the late reader is finished at once."""
     pending: List[Deferred] = []
     backend = Backend({b"file": FILE, b"other": FILE[::-1]})
     backend.answer = lambda name: pending.append(Deferred()) or pending[-1] if name == b"file" else backend.make(name)
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    _, server, peer = start(backend)
     peer.send(wire.rrq(b"file"), server)
     await until(lambda: pending, what="the lookup")
     got = await download(peer, server, b"other")
@@ -548,11 +537,10 @@ async def test_closed_while_the_backend_thinks(serve: Serving) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_transfer_finished_report_before_finish(serve: Serving) -> None:
+async def test_transfer_finished_report_before_finish(serve: Serving, start: Start) -> None:
     backend = Backend({b"file": FILE}, reader=ReportingReader)
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    got = await download(serve.peer(), server, b"file", {"blksize": "1024", "windowsize": "4"})
+    service, server, peer = start(backend)
+    got = await download(peer, server, b"file", {"blksize": "1024", "windowsize": "4"})
     assert got.complete and got.data == FILE
     quitter = serve.peer()
     quitter.send(wire.rrq(b"file"), server)
@@ -579,12 +567,10 @@ async def test_transfer_finished_report_before_finish(serve: Serving) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_netascii(serve: Serving) -> None:
+async def test_netascii(serve: Serving, start: Start) -> None:
     text = b"a\nb\rc"
     backend = Backend({b"text": text, b"long": b"line\n" * 300}, reader=ReportingReader)
-    service = serve(backend)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    service, server, peer = start(backend)
     options = {"tsize": "0", "windowsize": "8", "blksize": "100"}
     got = await download(peer, server, b"text", options, mode=b"netascii")
     assert got.complete and got.data == b"a\r\nb\r\0c"
@@ -612,11 +598,10 @@ BIG = os.urandom(600_000)
 
 @pytest.mark.parametrize("rollover", [0, 1])
 @pytest_twisted.ensureDeferred
-async def test_rollover(serve: Serving, rollover: int) -> None:
+async def test_rollover(serve: Serving, start: Start, rollover: int) -> None:
     backend = Backend({b"big": BIG}, reader=ReportingReader)
-    service = serve(backend, limits=Limits(rollover=rollover))
-    peer = serve.peer()
-    got = await download(peer, ("127.0.0.1", port_of(service)), b"big", {"blksize": "8", "windowsize": "64"},
+    service, server, peer = start(backend, limits=Limits(rollover=rollover))
+    got = await download(peer, server, b"big", {"blksize": "8", "windowsize": "64"},
                          rollover=rollover, watch=range(65534, 65539))
     assert got.complete and got.data == BIG
     assert len(BIG) // 8 + 1 > 65535
@@ -631,7 +616,7 @@ async def test_rollover(serve: Serving, rollover: int) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_session_table_and_ports_do_not_leak(serve: Serving) -> None:
+async def test_session_table_and_ports_do_not_leak(serve: Serving, start: Start) -> None:
     """Every way a session ends, many at once, on one service: afterwards nothing is left."""
     from twisted.internet.defer import DeferredList, ensureDeferred
 
@@ -646,8 +631,7 @@ async def test_session_table_and_ports_do_not_leak(serve: Serving) -> None:
         return backend.make(name)
 
     backend = Backend({b"file": FILE, b"big": os.urandom(50_000)}, answer=answer)
-    service = serve(backend, limits=Limits(timeout=0.05, give_up=0.2), lookup_timeout=0.1)
-    server = ("127.0.0.1", port_of(service))
+    service, server, _ = start(backend, limits=Limits(timeout=0.05, give_up=0.2), lookup_timeout=0.1)
 
     async def complete(options: Dict[str, str]) -> None:
         got = await download(serve.peer(), server, b"big", options)
@@ -697,13 +681,12 @@ async def test_session_table_and_ports_do_not_leak(serve: Serving) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_bad_traffic_log_lines_are_rate_limited(serve: Serving, log_events: List[Dict[str, Any]]) -> None:
+async def test_bad_traffic_log_lines_are_rate_limited(serve: Serving, start: Start,
+                                                     log_events: List[Dict[str, Any]]) -> None:
     """Stray datagrams and write requests share one log budget; a full server says so once."""
     pending: List[Deferred] = []
     backend = Backend({b"file": FILE}, answer=lambda name: pending.append(Deferred()) or pending[-1])
-    service = serve(backend, max_sessions=1)
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    service, server, peer = start(backend, max_sessions=1)
     peer.send(wire.rrq(b"file"), server)
     await until(lambda: pending, what="the lookup")
     others = [serve.peer() for _ in range(30)]
@@ -727,13 +710,11 @@ async def test_bad_traffic_log_lines_are_rate_limited(serve: Serving, log_events
 
 
 @pytest_twisted.ensureDeferred
-async def test_errors_to_malformed_requests_are_budgeted(serve: Serving) -> None:
+async def test_errors_to_malformed_requests_are_budgeted(start: Start) -> None:
     """A flood of malformed RRQs (spoofable) gets a bounded number of ERROR replies."""
     from tftp_offload.guard import ERROR_REPLIES_PER_SECOND as REFUSALS_PER_SECOND
 
-    service = serve(Backend({b"file": FILE}))
-    server = ("127.0.0.1", port_of(service))
-    peer = serve.peer()
+    _, server, peer = start(Backend({b"file": FILE}))
     for _ in range(3 * REFUSALS_PER_SECOND):
         peer.send(b"\0\1no-terminator", server)
     await sleep(0.3)
@@ -746,7 +727,7 @@ async def test_errors_to_malformed_requests_are_budgeted(serve: Serving) -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_finished_sessions_are_freed_without_the_cycle_collector(serve: Serving) -> None:
+async def test_finished_sessions_are_freed_without_the_cycle_collector(serve: Serving, start: Start) -> None:
     """A finished session, its engine and its buffers are freed by reference counting alone.
 
     Measured before: 1,073 Session and ReadTransfer objects (and their windows of
@@ -756,14 +737,15 @@ async def test_finished_sessions_are_freed_without_the_cycle_collector(serve: Se
     import gc
 
     from tftp_offload.engine import ReadTransfer
+    from tftp_offload.lookup import BoundedLookup
     from tftp_offload.server import Session
+    from tftp_offload.transfer import Transfer
 
     def alive() -> List[Any]:
-        return [o for o in gc.get_objects() if isinstance(o, (Session, ReadTransfer))]
+        return [o for o in gc.get_objects() if isinstance(o, (Session, Transfer, ReadTransfer, BoundedLookup))]
 
     backend = Backend({b"file": FILE, b"big": LARGE})
-    service = serve(backend, limits=Limits(timeout=0.05, give_up=0.2))
-    server = ("127.0.0.1", port_of(service))
+    service, server, _ = start(backend, limits=Limits(timeout=0.05, give_up=0.2))
     gc.collect()
     before = {id(o) for o in alive()}  # an earlier test's may still be referenced (by its report)
     gc.disable()
@@ -810,10 +792,9 @@ async def test_single_port_serves_every_transfer_from_the_listening_port(serve: 
 
 
 @pytest_twisted.ensureDeferred
-async def test_single_port_stray_ack_gets_error_5(serve: Serving) -> None:
-    service = serve(Backend({b"large": LARGE}), single_port=True)
-    server = ("127.0.0.1", port_of(service))
-    peer, stranger = serve.peer(), serve.peer()
+async def test_single_port_stray_ack_gets_error_5(serve: Serving, start: Start) -> None:
+    _, server, peer = start(Backend({b"large": LARGE}), single_port=True)
+    stranger = serve.peer()
     peer.send(wire.rrq(b"large"), server)
     first, source = await peer.recv()
     assert opcode(first) == wire.DATA and source == server

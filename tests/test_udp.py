@@ -1,238 +1,179 @@
-"""The transfer socket layer (mux.py) over real loopback sockets, on the reactor under test.
+"""udp.py: address helpers, the ancillary data of a request, and RequestPort over real loopback sockets.
 
-One epoll descriptor is the only reactor reader for every transfer socket; these
-tests check that datagrams reach the right protocol from it, that strangers are
-seen with their address, that stopping releases every descriptor (the epoll one
-included), and the --port-range allocation and exhaustion.
+`_ancillary` is fed hand-built control messages (every shape the kernel
+sends: IPv4 and IPv6 packet info, a v4-mapped destination on a dual-stack
+socket, a link-local one with its interface, the receive time); the
+`RequestPort` tests send real datagrams on the reactor under test. The last
+test pins the one private Twisted name udp.py relies on.
 """
 
 from __future__ import annotations
 
-import os
-import select
 import socket
 import time
-from typing import Any, List, Tuple
+from typing import List, Tuple
 
 import pytest
 import pytest_twisted
+from twisted.internet import udp
+from twisted.internet.protocol import DatagramProtocol
 
-from tests.support.harness import free_udp_span
 from tests.support.inprocess import get_reactor, until
-from tftp_offload.mux import PortsExhausted, TransferSockets
+from tftp_offload.udp import (
+    _IN6_PKTINFO,
+    _IN_PKTINFO,
+    _TIMESPEC,
+    IP_PKTINFO,
+    IPV6_PKTINFO,
+    SO_TIMESTAMPNS,
+    RequestPort,
+    bind_address,
+    is_ipv6,
+    plain_host,
+)
 
 
-class Recorder:
+class Requests(DatagramProtocol):
+    """A listener's protocol: records what `RequestPort` hands it."""
+
+    noisy = False
+
     def __init__(self) -> None:
-        self.got: List[Tuple[bytes, Tuple[str, int]]] = []
+        self.got: List[Tuple[bytes, Tuple[str, int], str, float]] = []
 
-    def datagramReceived(self, data: bytes, addr: Tuple[str, int]) -> None:
-        self.got.append((data, addr))
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    def requestReceived(self, data: bytes, client: Tuple[str, int], local: str, arrived: float) -> None:
+        self.got.append((data, client, local, arrived))
 
 
-def client(host: str = "127.0.0.1") -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_DGRAM)
-    s.bind((host, 0))
-    s.settimeout(2)
-    return s
+def v4_info(destination: str, route_source: str = "198.51.100.1") -> Tuple[int, int, bytes]:
+    """in_pktinfo: interface, the address a reply would be routed from, and the header's destination."""
+    info = _IN_PKTINFO.pack(1, socket.inet_aton(route_source), socket.inet_aton(destination))
+    return (socket.IPPROTO_IP, IP_PKTINFO, info)
 
 
-def readers() -> List[Any]:
-    return list(get_reactor().getReaders())
+def v6_info(destination: str, ifindex: int = 0) -> Tuple[int, int, bytes]:
+    info = _IN6_PKTINFO.pack(socket.inet_pton(socket.AF_INET6, destination), ifindex)
+    return (socket.IPPROTO_IPV6, IPV6_PKTINFO, info)
 
 
-@pytest_twisted.ensureDeferred
-async def test_datagrams_reach_their_own_protocol_through_one_reader() -> None:
-    mux = TransferSockets(get_reactor())
-    before = open_fds()
-    protocols = [Recorder() for _ in range(3)]
-    transfers = [mux.open("127.0.0.1", p) for p in protocols]
-    try:
-        assert mux in readers()
-        assert sum(1 for r in readers() if r is mux) == 1
-        peers = [client() for _ in transfers]
-        for i, (peer, transfer) in enumerate(zip(peers, transfers)):
-            for n in range(3):
-                peer.sendto(b"%d-%d" % (i, n), ("127.0.0.1", transfer.port))
-        await until(lambda: all(len(p.got) == 3 for p in protocols), what="every datagram")
-        for i, (peer, protocol) in enumerate(zip(peers, protocols)):
-            assert [d for d, _ in protocol.got] == [b"%d-%d" % (i, n) for n in range(3)]
-            assert {a for _, a in protocol.got} == {peer.getsockname()}
-        # Replies leave from the transfer's port, and arrival times are kept.
-        assert transfers[0].send(b"reply", peers[0].getsockname())
-        data, addr = peers[0].recvfrom(100)
-        assert (data, addr[1]) == (b"reply", transfers[0].port)
-        assert transfers[0].last_arrival() is not None
-        assert transfers[0].send_all([b"a", b"b"], peers[0].getsockname()) == 2
-        assert [peers[0].recvfrom(10)[0] for _ in range(2)] == [b"a", b"b"]
-        for peer in peers:
-            peer.close()
-    finally:
-        mux.close()
-    assert mux not in readers()
-    assert len(mux) == 0
-    assert open_fds() == before  # every socket and the epoll descriptor
+def stamp(seconds: int, nanoseconds: int) -> Tuple[int, int, bytes]:
+    return (socket.SOL_SOCKET, SO_TIMESTAMPNS, _TIMESPEC.pack(seconds, nanoseconds))
 
 
-@pytest_twisted.ensureDeferred
-async def test_last_socket_closed_releases_the_reader_and_a_new_one_brings_it_back() -> None:
-    mux = TransferSockets(get_reactor())
-    before = open_fds()
-    first = mux.open("127.0.0.1", Recorder())
-    first.stopListening()
-    first.stopListening()  # idempotent
-    assert mux not in readers() and open_fds() == before
-    assert not first.send(b"x", ("127.0.0.1", 9))  # a stopped socket drops, never raises
-    protocol = Recorder()
-    second = mux.open("127.0.0.1", protocol)
-    try:
-        peer = client()
-        peer.sendto(b"again", ("127.0.0.1", second.port))
-        await until(lambda: protocol.got, what="a datagram after the reader came back")
-        peer.close()
-    finally:
-        mux.close()
-    assert open_fds() == before
+# ------------------------------------------------------------ address helpers --
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_session_that_stops_its_socket_while_being_read() -> None:
-    """The common case: the final ACK ends the session inside doRead."""
-    mux = TransferSockets(get_reactor())
-    before = open_fds()
+@pytest.mark.parametrize(("wire", "plain"), [
+    ("::ffff:192.0.2.7", "192.0.2.7"),
+    ("192.0.2.7", "192.0.2.7"),
+    ("2001:db8::7", "2001:db8::7"),
+    ("::ffff:7f00:1", "::ffff:7f00:1"),  # not the dotted form a dual-stack socket reports: left alone
+    ("fe80::1%eth0", "fe80::1%eth0"),
+])
+def test_plain_host(wire: str, plain: str) -> None:
+    assert plain_host(wire) == plain
 
-    class Ender(Recorder):
-        transfer: Any = None
 
-        def datagramReceived(self, data: bytes, addr: Tuple[str, int]) -> None:
-            super().datagramReceived(data, addr)
-            self.transfer.stopListening()
+def test_is_ipv6() -> None:
+    assert is_ipv6("::1") and is_ipv6("fe80::1%lo") and not is_ipv6("127.0.0.1")
 
-    enders = [Ender() for _ in range(4)]
-    for e in enders:
-        e.transfer = mux.open("127.0.0.1", e)
-    peer = client()
-    for e in enders:
-        peer.sendto(b"last", ("127.0.0.1", e.transfer.port))
-    await until(lambda: all(e.got for e in enders), what="every final datagram")
-    peer.close()
-    assert len(mux) == 0 and mux not in readers() and open_fds() == before
+
+def test_bind_address_keeps_a_scope() -> None:
+    assert bind_address("127.0.0.1", 69) == ("127.0.0.1", 69)
+    host, port, _flow, scope = bind_address("fe80::1%lo", 69)
+    assert (host, port, scope) == ("fe80::1", 69, socket.if_nametoindex("lo"))
+    with pytest.raises(OSError, match="no interface named 'no-such-if0'"):
+        bind_address("fe80::1%no-such-if0", 69)
+
+
+# ------------------------------------------------------------- ancillary data --
+
+
+@pytest.fixture
+def unbound() -> RequestPort:
+    """A RequestPort never started: `_ancillary` reads only what it is given (and getHost() as a fallback)."""
+    return RequestPort(0, Requests(), "127.0.0.1")
+
+
+def test_ancillary_v4(unbound: RequestPort) -> None:
+    assert unbound._ancillary([v4_info("192.0.2.1"), stamp(1_700_000_000, 250_000_000)]) == \
+        ("192.0.2.1", 1_700_000_000.25)
+
+
+def test_ancillary_v4_mapped_on_a_dual_stack_socket(unbound: RequestPort) -> None:
+    local, _ = unbound._ancillary([v6_info("::ffff:127.0.0.2")])
+    assert local == "127.0.0.2"
+
+
+def test_ancillary_v6_and_link_local(unbound: RequestPort) -> None:
+    assert unbound._ancillary([v6_info("2001:db8::1", 1)])[0] == "2001:db8::1"
+    lo = socket.if_nametoindex("lo")
+    assert unbound._ancillary([v6_info("fe80::1", lo)])[0] == "fe80::1%lo"
+    assert unbound._ancillary([v6_info("fe80::1", 999_999)])[0] == "fe80::1%999999"  # an interface gone since
+
+
+def test_ancillary_without_a_timestamp_is_now(unbound: RequestPort) -> None:
+    before = time.time()
+    _, arrived = unbound._ancillary([v4_info("192.0.2.1")])
+    assert before <= arrived <= time.time()
+
+
+# ------------------------------------------------------------ real datagrams --
 
 
 @pytest_twisted.ensureDeferred
-async def test_ipv6() -> None:
+async def test_a_wildcard_listener_sees_and_replies_from_the_address_asked() -> None:
+    requests = Requests()
+    port = RequestPort(0, requests, "0.0.0.0", reactor=get_reactor())
+    port.startListening()
     try:
-        peer = client("::1")
-    except OSError:
-        pytest.skip("no IPv6 loopback")
-    mux = TransferSockets(get_reactor())
-    protocol = Recorder()
-    transfer = mux.open("::1", protocol)
-    try:
-        peer.sendto(b"six", ("::1", transfer.port))
-        await until(lambda: protocol.got, what="an IPv6 datagram")
-        assert protocol.got == [(b"six", peer.getsockname()[:2])]
+        number = port.getHost().port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.bind(("127.0.0.1", 0))
+            client.settimeout(2)
+            sent = time.time()
+            client.sendto(b"\0\1hello\0octet\0", ("127.0.0.2", number))
+            await until(lambda: requests.got, what="the request")
+            [(data, peer, local, arrived)] = requests.got
+            assert data == b"\0\1hello\0octet\0" and peer == client.getsockname()
+            assert local == "127.0.0.2"
+            assert sent - 1 < arrived <= time.time()  # the kernel's receive time
+            port.reply(b"answer", peer, local)
+            reply, source = client.recvfrom(100)
+            assert (reply, source) == (b"answer", ("127.0.0.2", number))
     finally:
-        peer.close()
-        mux.close()
+        await port.stopListening()  # udp.Port's: its Deferred fires once the socket is closed
+    assert port.reply_all([b"late"], ("127.0.0.1", 9), "127.0.0.1") == 0  # stopped: nothing sent, no error
 
 
-def test_port_range_is_used_and_exhaustion_is_an_error() -> None:
-    low = free_udp_span(3)
-    span = [low, low + 1, low + 2]
-    mux = TransferSockets(get_reactor(), port_range=(low, low + 2))
-    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+@pytest_twisted.ensureDeferred
+async def test_adopt_listens_on_the_socket_given() -> None:
+    """Socket activation: the inherited socket itself is read (and made non-blocking), not a new one."""
+    inherited = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    inherited.bind(("127.0.0.1", 0))
+    address = inherited.getsockname()
+    requests = Requests()
+    port = RequestPort.adopt(inherited.detach(), socket.AF_INET, requests, reactor=get_reactor())
+    port.startListening()
     try:
-        try:
-            blocker.bind(("127.0.0.1", low + 1))  # another process's port: skipped
-        except OSError:
-            pytest.skip("a port of the range is taken")
-        a = mux.open("127.0.0.1", Recorder())
-        b = mux.open("127.0.0.1", Recorder())
-        assert [a.port, b.port] == [low, low + 2]
-        with pytest.raises(PortsExhausted):
-            mux.open("127.0.0.1", Recorder())
-        blocker.close()
-        c = mux.open("127.0.0.1", Recorder())
-        assert c.port == low + 1
-        assert mux.exhausted()
-        with pytest.raises(PortsExhausted):
-            mux.open("127.0.0.1", Recorder())
-        b.stopListening()
-        assert not mux.exhausted()
-        assert mux.open("127.0.0.1", Recorder()).port == low + 2
-        assert sorted(t.port for t in mux.sockets()) == span
+        assert port.socket.getsockname() == address and not port.socket.getblocking()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"\0\1x\0octet\0", address)
+            await until(lambda: requests.got, what="the request")
+        assert requests.got[0][2] == "127.0.0.1"
     finally:
-        blocker.close()
-        mux.close()
-    assert len(mux) == 0
+        await port.stopListening()
 
 
-@pytest.mark.parametrize("gso", [True, False])
-def test_a_window_arrives_as_its_datagrams(gso: bool) -> None:
-    """send_all: with segmentation offload a run of equal datagrams (the last shorter) goes in
-    one system call per 64 KB, and the peer still sees each datagram, in order."""
-    mux = TransferSockets(get_reactor(), gso=gso)
-    transfer = mux.open("127.0.0.1", Recorder())
-    peer = client()
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    try:
-        window = [bytes([i]) * 1472 for i in range(60)] + [b"tail"]
-        assert transfer.send_all(window, peer.getsockname()) == len(window)
-        assert [peer.recvfrom(2000)[0] for _ in window] == window
-        assert mux.gso is gso
-    finally:
-        peer.close()
-        mux.close()
+def test_the_private_twisted_name_udp_py_relies_on() -> None:
+    """`RequestPort._use_socket` sets udp.Port's `_preexistingSocket` (no public API for a subclass).
 
+    If Twisted renames it, startListening would bind a socket of its own and socket
+    activation would silently listen elsewhere: this fails first.
+    """
+    plain = udp.Port(0, DatagramProtocol())
+    assert plain._preexistingSocket is None  # type: ignore[attr-defined]
+    import inspect
 
-def test_refused_segmentation_offload_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A kernel that refuses UDP_SEGMENT (EINVAL here: an option it does not know) still gets every
-    datagram, one send each, and is not asked again."""
-    import tftp_offload.mux as mux_module
-
-    monkeypatch.setattr(mux_module, "UDP_SEGMENT", 9999)
-    mux = TransferSockets(get_reactor())
-    transfer = mux.open("127.0.0.1", Recorder())
-    peer = client()
-    try:
-        window = [b"%04d" % i * 300 for i in range(5)]
-        assert transfer.send_all(window, peer.getsockname()) == 5
-        assert [peer.recvfrom(2000)[0] for _ in window] == window
-        assert mux.gso is False
-        assert mux.open("127.0.0.1", Recorder())._gso is False
-    finally:
-        peer.close()
-        mux.close()
-
-
-def test_reader_lost_while_reading() -> None:
-    """The last transfer of a drain ends inside doRead and the reactor, shutting down, calls
-    connectionLost() there: reading stops cleanly (no exception), every descriptor closed."""
-    reactor = get_reactor()
-    mux = TransferSockets(reactor)
-    before = open_fds()
-
-    class Loser(Recorder):
-        def datagramReceived(self, data: bytes, addr: Tuple[str, int]) -> None:
-            super().datagramReceived(data, addr)
-            reactor.removeReader(mux)  # as the reactor's disconnectAll() does
-            mux.connectionLost(None)
-
-    protocols = [Loser(), Loser()]
-    transfers = [mux.open("127.0.0.1", p) for p in protocols]
-    peer = client()
-    for transfer in transfers:
-        peer.sendto(b"x", ("127.0.0.1", transfer.port))
-    peer.close()
-    time.sleep(0.05)
-    assert select.select([mux.fileno()], [], [], 2)[0]
-    mux.doRead()  # called directly: an exception fails the test
-    assert sum(len(p.got) for p in protocols) == 1
-    assert len(mux) == 0 and mux not in readers() and open_fds() == before
-    mux.close()  # harmless afterwards
+    source = inspect.getsource(udp.Port)
+    assert "self._preexistingSocket" in source and "_fromListeningDescriptor" in source

@@ -2,13 +2,13 @@
 
 A transfer has a UDP socket of its own (a fresh port, bound to the address
 the request was sent to, never connected: a stranger's datagram must reach
-the session to get ERROR 5). Handing each one to the reactor as a
+the transfer to get ERROR 5). Handing each one to the reactor as a
 `udp.Port` costs a framework dispatch per datagram and copies Twisted's
 internals; instead every transfer socket is registered with one `epoll`
 object of ours, and that epoll descriptor is the only thing the reactor
 watches (`IReadDescriptor`, public API, the same on the default and the
 asyncio reactor). When it turns readable, `doRead` takes one datagram from
-each ready socket and hands it to its session, and polls again until
+each ready socket and hands it to its transfer, and polls again until
 nothing is ready (bounded, so the listener and timers get their turn).
 
 With `port_range`, every transfer port comes from that range (firewalls that
@@ -57,7 +57,7 @@ class PortsExhausted(Exception):
 class TransferSocket:
     """One transfer's socket: `send()`, `send_all()`, `last_arrival()`, `stopListening()`.
 
-    Its protocol is anything with `datagramReceived(data, addr)` (the session).
+    Its protocol is anything with `datagramReceived(data, addr)` (a `transfer.Transfer`).
     """
 
     __slots__ = ("socket", "protocol", "port", "_fd", "_mux", "_v6", "_gso")
@@ -268,7 +268,7 @@ class TransferSockets:
             epoll.close()
 
     def close(self) -> None:
-        """Close every transfer socket and the epoll descriptor (the sessions are not told)."""
+        """Close every transfer socket and the epoll descriptor (the transfers are not told)."""
         for transfer in list(self._sockets.values()):
             transfer.stopListening()
         self._idle()
@@ -286,7 +286,7 @@ class TransferSockets:
         self._in_read = True
         try:
             for _ in range(PASSES):
-                # Looked up on every pass: a session ending in here can end the reactor's run too
+                # Looked up on every pass: a transfer ending in here can end the reactor's run too
                 # (the last transfer of a drain), whose connectionLost() closes the epoll object.
                 epoll = self._epoll
                 if epoll is None:
@@ -318,10 +318,10 @@ class TransferSockets:
 class ListenerTransfer:
     """A transfer served from the listening port itself (`--single-port`), told apart by the client.
 
-    What a `TransferSocket` offers the session, for firewalls and NAT that let
+    What a `TransferSocket` offers a transfer, for firewalls and NAT that let
     only port 69 through (dnsmasq's --tftp-single-port): replies leave from the
     listener, from the address the request was sent to, and the server hands
-    the session what the client sends to the listener.
+    the transfer what the client sends to the listener.
     """
 
     __slots__ = ("listener", "wire_client", "local", "arrived", "_open")

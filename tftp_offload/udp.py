@@ -10,6 +10,7 @@ IP_PKTINFO / IPV6_RECVPKTINFO on every datagram, and can send a reply from it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import socket
 import struct
@@ -42,8 +43,8 @@ _ANCILLARY_SPACE = (
     socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size) + socket.CMSG_SPACE(_TIMESPEC.size)
 )
 
-_READ_IGNORE = frozenset(udp._sockErrReadIgnore)  # type: ignore[attr-defined]  # EAGAIN, EINTR...
-_READ_REFUSE = frozenset(udp._sockErrReadRefuse)  # type: ignore[attr-defined]  # ECONNREFUSED...
+_READ_DONE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNREFUSED))
+"""recvmsg errors that end a read pass (as udp.Port's): nothing left, a signal, an ICMP error for an earlier send."""
 
 
 def plain_host(host: str) -> str:
@@ -87,6 +88,12 @@ class RequestPort(udp.Port):
     `arrived` being the kernel's receive time (`time.time()` scale): it orders a
     request against events on other sockets, which the reactor may handle in
     another order. Replies sent with `reply()` leave from the local address.
+
+    A `udp.Port` subclass, for its reactor registration, `stopListening()` and
+    `connectionLost()`; `doRead` is ours (recvmsg for the ancillary data) and uses
+    only udp.Port's public attributes (`socket`, `protocol`, `maxThroughput`,
+    `addressFamily`, `connected`). One private name remains: `_preexistingSocket`,
+    see `_use_socket`.
     """
 
     def __init__(self, port: int, proto: Any, interface: str = "", v6only: Optional[bool] = None,
@@ -103,9 +110,20 @@ class RequestPort(udp.Port):
         skt.setblocking(False)
         host = skt.getsockname()[0]
         self = cls(skt.getsockname()[1], proto, host, None, 65536, reactor)
-        self._preexistingSocket = skt  # type: ignore[attr-defined,assignment]
+        self._use_socket(skt)
         self._enable_ancillary(skt)
         return self
+
+    def _use_socket(self, skt: socket.socket) -> None:
+        """Listen on `skt`, already bound, instead of a socket udp.Port would make and bind.
+
+        Twisted has no public way to give a `udp.Port` subclass a socket:
+        `reactor.adoptDatagramPort` builds a plain udp.Port (whose `doRead`
+        cannot see a datagram's destination address), through this same private
+        attribute, which `startListening` checks before it binds.
+        tests/test_udp.py fails if it disappears.
+        """
+        self._preexistingSocket = skt  # type: ignore[assignment]
 
     def startListening(self) -> None:
         if "%" in self.interface and self._preexistingSocket is None:  # type: ignore[has-type]
@@ -116,7 +134,7 @@ class RequestPort(udp.Port):
             except OSError as e:
                 skt.close()
                 raise CannotListenError(self.interface, self.port, e) from e
-            self._preexistingSocket = skt  # type: ignore[assignment]
+            self._use_socket(skt)
         super().startListening()
 
     def createInternetSocket(self) -> socket.socket:
@@ -155,7 +173,7 @@ class RequestPort(udp.Port):
             try:
                 data, ancillary, _flags, addr = sock.recvmsg(self.maxPacketSize, _ANCILLARY_SPACE)
             except OSError as e:
-                if e.args[0] in _READ_IGNORE or e.args[0] in _READ_REFUSE:
+                if e.args[0] in _READ_DONE:
                     return
                 raise
             read += len(data)

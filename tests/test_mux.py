@@ -1,0 +1,238 @@
+"""The transfer socket layer (mux.py) over real loopback sockets, on the reactor under test.
+
+One epoll descriptor is the only reactor reader for every transfer socket; these
+tests check that datagrams reach the right protocol from it, that strangers are
+seen with their address, that stopping releases every descriptor (the epoll one
+included), and the --port-range allocation and exhaustion.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from typing import Any, List, Tuple
+
+import pytest
+import pytest_twisted
+
+from tests.support.harness import free_udp_span
+from tests.support.inprocess import get_reactor, until
+from tftp_offload.mux import PortsExhausted, TransferSockets
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.got: List[Tuple[bytes, Tuple[str, int]]] = []
+
+    def datagramReceived(self, data: bytes, addr: Tuple[str, int]) -> None:
+        self.got.append((data, addr))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def client(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    s.settimeout(2)
+    return s
+
+
+def readers() -> List[Any]:
+    return list(get_reactor().getReaders())
+
+
+@pytest_twisted.ensureDeferred
+async def test_datagrams_reach_their_own_protocol_through_one_reader() -> None:
+    mux = TransferSockets(get_reactor())
+    before = open_fds()
+    protocols = [Recorder() for _ in range(3)]
+    transfers = [mux.open("127.0.0.1", p) for p in protocols]
+    try:
+        assert mux in readers()
+        assert sum(1 for r in readers() if r is mux) == 1
+        peers = [client() for _ in transfers]
+        for i, (peer, transfer) in enumerate(zip(peers, transfers)):
+            for n in range(3):
+                peer.sendto(b"%d-%d" % (i, n), ("127.0.0.1", transfer.port))
+        await until(lambda: all(len(p.got) == 3 for p in protocols), what="every datagram")
+        for i, (peer, protocol) in enumerate(zip(peers, protocols)):
+            assert [d for d, _ in protocol.got] == [b"%d-%d" % (i, n) for n in range(3)]
+            assert {a for _, a in protocol.got} == {peer.getsockname()}
+        # Replies leave from the transfer's port, and arrival times are kept.
+        assert transfers[0].send(b"reply", peers[0].getsockname())
+        data, addr = peers[0].recvfrom(100)
+        assert (data, addr[1]) == (b"reply", transfers[0].port)
+        assert transfers[0].last_arrival() is not None
+        assert transfers[0].send_all([b"a", b"b"], peers[0].getsockname()) == 2
+        assert [peers[0].recvfrom(10)[0] for _ in range(2)] == [b"a", b"b"]
+        for peer in peers:
+            peer.close()
+    finally:
+        mux.close()
+    assert mux not in readers()
+    assert len(mux) == 0
+    assert open_fds() == before  # every socket and the epoll descriptor
+
+
+@pytest_twisted.ensureDeferred
+async def test_last_socket_closed_releases_the_reader_and_a_new_one_brings_it_back() -> None:
+    mux = TransferSockets(get_reactor())
+    before = open_fds()
+    first = mux.open("127.0.0.1", Recorder())
+    first.stopListening()
+    first.stopListening()  # idempotent
+    assert mux not in readers() and open_fds() == before
+    assert not first.send(b"x", ("127.0.0.1", 9))  # a stopped socket drops, never raises
+    protocol = Recorder()
+    second = mux.open("127.0.0.1", protocol)
+    try:
+        peer = client()
+        peer.sendto(b"again", ("127.0.0.1", second.port))
+        await until(lambda: protocol.got, what="a datagram after the reader came back")
+        peer.close()
+    finally:
+        mux.close()
+    assert open_fds() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_that_stops_its_socket_while_being_read() -> None:
+    """The common case: the final ACK ends the session inside doRead."""
+    mux = TransferSockets(get_reactor())
+    before = open_fds()
+
+    class Ender(Recorder):
+        transfer: Any = None
+
+        def datagramReceived(self, data: bytes, addr: Tuple[str, int]) -> None:
+            super().datagramReceived(data, addr)
+            self.transfer.stopListening()
+
+    enders = [Ender() for _ in range(4)]
+    for e in enders:
+        e.transfer = mux.open("127.0.0.1", e)
+    peer = client()
+    for e in enders:
+        peer.sendto(b"last", ("127.0.0.1", e.transfer.port))
+    await until(lambda: all(e.got for e in enders), what="every final datagram")
+    peer.close()
+    assert len(mux) == 0 and mux not in readers() and open_fds() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6() -> None:
+    try:
+        peer = client("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    mux = TransferSockets(get_reactor())
+    protocol = Recorder()
+    transfer = mux.open("::1", protocol)
+    try:
+        peer.sendto(b"six", ("::1", transfer.port))
+        await until(lambda: protocol.got, what="an IPv6 datagram")
+        assert protocol.got == [(b"six", peer.getsockname()[:2])]
+    finally:
+        peer.close()
+        mux.close()
+
+
+def test_port_range_is_used_and_exhaustion_is_an_error() -> None:
+    low = free_udp_span(3)
+    span = [low, low + 1, low + 2]
+    mux = TransferSockets(get_reactor(), port_range=(low, low + 2))
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            blocker.bind(("127.0.0.1", low + 1))  # another process's port: skipped
+        except OSError:
+            pytest.skip("a port of the range is taken")
+        a = mux.open("127.0.0.1", Recorder())
+        b = mux.open("127.0.0.1", Recorder())
+        assert [a.port, b.port] == [low, low + 2]
+        with pytest.raises(PortsExhausted):
+            mux.open("127.0.0.1", Recorder())
+        blocker.close()
+        c = mux.open("127.0.0.1", Recorder())
+        assert c.port == low + 1
+        assert mux.exhausted()
+        with pytest.raises(PortsExhausted):
+            mux.open("127.0.0.1", Recorder())
+        b.stopListening()
+        assert not mux.exhausted()
+        assert mux.open("127.0.0.1", Recorder()).port == low + 2
+        assert sorted(t.port for t in mux.sockets()) == span
+    finally:
+        blocker.close()
+        mux.close()
+    assert len(mux) == 0
+
+
+@pytest.mark.parametrize("gso", [True, False])
+def test_a_window_arrives_as_its_datagrams(gso: bool) -> None:
+    """send_all: with segmentation offload a run of equal datagrams (the last shorter) goes in
+    one system call per 64 KB, and the peer still sees each datagram, in order."""
+    mux = TransferSockets(get_reactor(), gso=gso)
+    transfer = mux.open("127.0.0.1", Recorder())
+    peer = client()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    try:
+        window = [bytes([i]) * 1472 for i in range(60)] + [b"tail"]
+        assert transfer.send_all(window, peer.getsockname()) == len(window)
+        assert [peer.recvfrom(2000)[0] for _ in window] == window
+        assert mux.gso is gso
+    finally:
+        peer.close()
+        mux.close()
+
+
+def test_refused_segmentation_offload_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that refuses UDP_SEGMENT (EINVAL here: an option it does not know) still gets every
+    datagram, one send each, and is not asked again."""
+    import tftp_offload.mux as mux_module
+
+    monkeypatch.setattr(mux_module, "UDP_SEGMENT", 9999)
+    mux = TransferSockets(get_reactor())
+    transfer = mux.open("127.0.0.1", Recorder())
+    peer = client()
+    try:
+        window = [b"%04d" % i * 300 for i in range(5)]
+        assert transfer.send_all(window, peer.getsockname()) == 5
+        assert [peer.recvfrom(2000)[0] for _ in window] == window
+        assert mux.gso is False
+        assert mux.open("127.0.0.1", Recorder())._gso is False
+    finally:
+        peer.close()
+        mux.close()
+
+
+def test_reader_lost_while_reading() -> None:
+    """The last transfer of a drain ends inside doRead and the reactor, shutting down, calls
+    connectionLost() there: reading stops cleanly (no exception), every descriptor closed."""
+    reactor = get_reactor()
+    mux = TransferSockets(reactor)
+    before = open_fds()
+
+    class Loser(Recorder):
+        def datagramReceived(self, data: bytes, addr: Tuple[str, int]) -> None:
+            super().datagramReceived(data, addr)
+            reactor.removeReader(mux)  # as the reactor's disconnectAll() does
+            mux.connectionLost(None)
+
+    protocols = [Loser(), Loser()]
+    transfers = [mux.open("127.0.0.1", p) for p in protocols]
+    peer = client()
+    for transfer in transfers:
+        peer.sendto(b"x", ("127.0.0.1", transfer.port))
+    peer.close()
+    time.sleep(0.05)
+    assert select.select([mux.fileno()], [], [], 2)[0]
+    mux.doRead()  # called directly: an exception fails the test
+    assert sum(len(p.got) for p in protocols) == 1
+    assert len(mux) == 0 and mux not in readers() and open_fds() == before
+    mux.close()  # harmless afterwards
