@@ -17,7 +17,7 @@ from .activation import inherited_datagram_sockets
 from .backends.directory import PER_CLIENT, DirectoryBackend
 from .guard import MAX_SESSIONS_PER_CLIENT, REQUESTS_PER_SECOND_PER_CLIENT, GuardLimits, parse_network
 from .interfaces import IBackend
-from .logs import address, json_observer
+from .logs import address, twistd_observer
 from .options import MAX_BLKSIZE, MAX_WINDOWSIZE, MIN_BLKSIZE, Limits
 from .remap import MapFileError, RuleSet
 from .server import LOOKUP_TIMEOUT
@@ -370,8 +370,7 @@ def makeService(options: Options) -> IService:
     backend = make_backend(options)
     top = Top()
     top.twistd = twistd = getattr(options, "parent", None)
-    if options["log-format"] == "json":
-        top.observer = json_observer((twistd or {}).get("logfile"), bool((twistd or {}).get("nodaemon")))
+    top.observer = twistd_observer(options["log-format"], twistd)
     if IService.providedBy(backend):
         backend.setServiceParent(top)  # type: ignore[attr-defined]
     if options["root"] is not None:
