@@ -28,7 +28,7 @@ import sys
 import time
 from typing import IO, Any, Dict, Mapping, Optional, Tuple, Union
 
-from twisted.logger import ILogObserver, LogEvent, formatEvent, formatTime, textFileLogObserver
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent, formatTime, textFileLogObserver
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
@@ -97,6 +97,21 @@ def end_text(fields: Dict[str, Any]) -> str:
         who = "the client said" if fields.get("error_by") == "client" else "sent"
         text += f"; {who} ERROR {fields['error_code']}: {fields['error_message']}"
     return text
+
+
+def transfer_end(logger: Logger, fields: Dict[str, Any]) -> None:
+    """Log a request's transfer-end event: its line (`end_text`) as "{log_text}", with every field.
+
+    The same event `logger.info("{log_text}", log_text=..., **fields, event="transfer-end")`
+    makes, handed to the logger's observer directly: `Logger.info` copies the keyword
+    arguments twice and checks the level against every `LogLevel` constant, which with a
+    transfer's 18 fields cost five times what the event itself costs (boot storms log one
+    per small file). Only for this one event; everything else uses the Logger as usual.
+    """
+    event = dict(fields, log_text=end_text(fields), event="transfer-end", log_logger=logger,
+                 log_level=LogLevel.info, log_namespace=logger.namespace, log_source=logger.source,
+                 log_format="{log_text}", log_time=time.time())
+    logger.observer(event)
 
 
 # ---------------------------------------------------------------- --log-format json --
