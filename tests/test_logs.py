@@ -402,7 +402,9 @@ def test_sigusr1_rotates_the_log_file(twistd_factory: StartServer, log_format: s
 
     server = twistd_factory("--log-format", log_format)
     before = fetch_hello("127.0.0.1", server.port)
-    wait_for(server, lambda log: f" to {shown(before)}" in log or f'"{shown(before)}"' in log, "the first transfer")
+    ended = f" to {shown(before)}: " if log_format == "text" else f'"client": "{shown(before)}"'
+    wait_for(server, lambda log: any(ended in line and "transfer-start" not in line for line in log.splitlines()),
+             "the first transfer's end")
     os.kill(server.pid, signal.SIGUSR1)
     rotated = server.log_path.parent / (server.log_path.name + ".1")
     wait_for(server, lambda log: rotated.exists(), "twistd.log.1")
