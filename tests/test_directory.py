@@ -209,6 +209,22 @@ def test_resolve_gives_the_canonical_path(root: Path, backend: DirectoryBackend)
     assert backend.resolve(b"\\boot//deep/./file") == str(root.resolve() / "boot" / "deep" / "file")
 
 
+def test_resolve_walks_like_realpath(root: Path, backend: DirectoryBackend, tmp_path: Path) -> None:
+    """The walk below the root gives what os.path.realpath gives, for every kind of component."""
+    (root / "boot-link").symlink_to("boot")  # a directory link inside
+    (root / "boot" / "up").symlink_to("../pxelinux.0")  # a file link inside, relative
+    (root / "chain").symlink_to("boot-link/up")  # a link to a link
+    (root / "out").symlink_to(tmp_path)  # a directory link out
+    (root / "dangling").symlink_to("nowhere/at/all")
+    names = ["pxelinux.0", "boot/deep/file", "boot-link/deep/file", "boot-link/up", "chain", "missing",
+             "missing/deeper/still", "pxelinux.0/x/y", "boot-link/missing/x", "dangling", "dangling/x", "boot/deep"]
+    for name in names:
+        assert backend.resolve(name.encode()) == os.path.realpath(os.path.join(root, name)), name
+    for name in ("out/secret", "out/missing/x", "boot-link/up/../../.."):
+        with pytest.raises(AccessViolation):
+            backend.resolve(name.encode())
+
+
 def test_errors_map_to_tftp_codes(backend: DirectoryBackend) -> None:
     for name, code in ((b"missing", 1), (b"../x", 2), (b"boot", 2), (b"a\x00", 2), (b"pxelinux.0/x", 1)):
         with pytest.raises(Exception) as caught:

@@ -169,7 +169,8 @@ def test_a_directory_swapped_for_a_link_after_the_check_is_caught(tree: Tuple[Pa
     root, _outside = tree
     backend = DirectoryBackend(str(root))
     raced = str(root / "escape-dir" / "secret")  # what resolve() checked was a directory, now a link out
-    monkeypatch.setattr(backend, "resolve", lambda name: raced)
+    # get_reader's step of resolve(): the path, and that nothing on the way was missing
+    monkeypatch.setattr(backend, "_resolve", lambda name, directory=None: (raced, False))
     before = open_fds()
     with pytest.raises(AccessViolation, match="leaves the served directory"):
         backend.get_reader(b"swapped/secret")

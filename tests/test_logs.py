@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
@@ -57,6 +58,73 @@ def test_json_fields_are_plain() -> None:
     assert json.loads(line) == {"time": "1970-01-01T00:00:00.500Z", "level": "warn", "namespace": "tftp_offload",
                                 "text": "complete a", "outcome": "complete", "file": "a", "raw": "\\xff",
                                 "pair": ["::1", 69]}
+
+
+def test_text_observer_writes_what_twistd_would() -> None:
+    """Our transfer lines, other events, tracebacks: the same text as twistd's own observer, in order."""
+    import io
+
+    from twisted.logger import LogLevel, textFileLogObserver
+    from twisted.python.failure import Failure
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failure = Failure()
+    ours, theirs = io.StringIO(), io.StringIO()
+    observer, twisted = logs.TextLinesObserver(ours), textFileLogObserver(theirs)
+    common = {"log_namespace": "tftp_offload", "log_level": LogLevel.info, "log_format": "{log_text}"}
+    events = [
+        {**common, "log_time": 1.25, "log_text": "complete a to 192.0.2.1:1: 1 bytes in 0.001s", "file": "a"},
+        {**common, "log_time": 1.75, "log_text": "complete b to 192.0.2.1:2: 2 bytes in 0.001s"},  # same second
+        {**common, "log_time": 3600.5, "log_text": "two\nlines", "log_level": LogLevel.warn},  # next hour
+        {**common, "log_time": 3600.6, "log_format": "Serving {n}", "n": 2},  # not ours: Twisted formats it
+        {**common, "log_time": 3600.7, "log_text": "with a traceback", "log_failure": failure},
+        {**common, "log_time": 3600.8, "log_text": "from a system", "log_system": "UDP"},
+        {**common, "log_time": 86400.0, "log_text": "the last"},
+    ]
+    for event in events:
+        observer(dict(event))
+        twisted(dict(event))
+    assert ours.getvalue() == theirs.getvalue()
+    assert ours.getvalue().count("\n") >= len(events)
+
+
+def test_transfer_end_is_the_event_logger_info_makes() -> None:
+    from twisted.logger import Logger
+
+    fields = {"outcome": "complete", "file": "a", "client": "192.0.2.1:1", "bytes": 1, "duration": 0.001,
+              "kind": "directory", "blksize": None, "size": 1, "retransmits": 0, "error_message": None}
+    seen: List[Dict[str, Any]] = []
+    log = Logger(namespace="tftp_offload", observer=seen.append)
+    log.info("{log_text}", log_text=logs.end_text(fields), **fields, event="transfer-end")
+    logs.transfer_end(log, dict(fields))
+    first, second = seen
+    assert second.pop("log_time") >= first.pop("log_time")
+    assert second == first
+
+
+def test_twistd_gets_our_text_observer_where_it_would_write(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    from twisted.python.logfile import LogFile
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        to_file = logs.twistd_observer("text", {"logfile": str(tmp_path / "x.log"), "nodaemon": False})
+        assert isinstance(to_file, logs.TextLinesObserver) and isinstance(to_file.out, LogFile)
+        assert to_file.out.path == str(tmp_path / "x.log")
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)  # it rotates as twistd's would
+        to_stdout = logs.twistd_observer("text", {"logfile": None, "nodaemon": True})
+        assert isinstance(to_stdout, logs.TextLinesObserver) and to_stdout.out is sys.stdout
+        assert isinstance(logs.twistd_observer("json", {"logfile": "-", "nodaemon": True}), logs.JSONLinesObserver)
+        # twistd's own: outside twistd, to syslog, and its refusal of a daemon logging to stdout.
+        for twistd in (None, {"syslog": True, "nodaemon": True}, {"logfile": "-", "nodaemon": False}):
+            assert logs.twistd_observer("text", twistd) is None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 # ------------------------------------------------------------------ clients --
@@ -321,3 +389,25 @@ def test_grep_recipes_match_what_is_written(twistd_factory: StartServer) -> None
     assert probes == [line for line in by["probed"] if "] probe " in line] and len(probes) == 1, probes
     machine = grep(found["one machine (by address)"].replace(r"192\.0\.2\.77", r"127\.0\.0\.1"))
     assert set(machine) == set(by["ok"] + by["missing"]), machine
+
+
+# -------------------------------------------------------------------- rotation --
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_sigusr1_rotates_the_log_file(twistd_factory: StartServer, log_format: str) -> None:
+    """As twistd's own log file does: the old lines move to twistd.log.1, new ones go to a new twistd.log."""
+    import os
+    import signal
+
+    server = twistd_factory("--log-format", log_format)
+    before = fetch_hello("127.0.0.1", server.port)
+    ended = f" to {shown(before)}: " if log_format == "text" else f'"client": "{shown(before)}"'
+    wait_for(server, lambda log: any(ended in line and "transfer-start" not in line for line in log.splitlines()),
+             "the first transfer's end")
+    os.kill(server.pid, signal.SIGUSR1)
+    rotated = server.log_path.parent / (server.log_path.name + ".1")
+    wait_for(server, lambda log: rotated.exists(), "twistd.log.1")
+    after = fetch_hello("127.0.0.1", server.port)
+    wait_for(server, lambda log: shown(after) in server.log_path.read_text(), "the next transfer in the new file")
+    assert shown(before) in rotated.read_text() and shown(before) not in server.log_path.read_text()

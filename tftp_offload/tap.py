@@ -19,7 +19,7 @@ from .backends.directory import PER_CLIENT, DirectoryBackend
 from .config import LOOKUP_TIMEOUT, ServerConfig, lookup_timeout_for
 from .guard import GuardLimits, parse_network
 from .interfaces import IBackend
-from .logs import address, json_observer
+from .logs import address, twistd_observer
 from .options import MAX_BLKSIZE_RANGE, MAX_WINDOWSIZE_RANGE, ROLLOVER_RANGE, TIMEOUT_RANGE, Limits, Range
 from .remap import MapFileError, RuleSet
 from .service import DEFAULT_LISTEN, TFTPOffloadService
@@ -392,8 +392,7 @@ def makeService(options: Options) -> IService:
     backend = make_backend(options)
     top = Top()
     top.twistd = twistd = getattr(options, "parent", None)
-    if options["log-format"] == "json":
-        top.observer = json_observer((twistd or {}).get("logfile"), bool((twistd or {}).get("nodaemon")))
+    top.observer = twistd_observer(options["log-format"], twistd)
     if IService.providedBy(backend):
         backend.setServiceParent(top)  # type: ignore[attr-defined]
     if options["root"] is not None:

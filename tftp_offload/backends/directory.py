@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
-from typing import List, Optional
+import stat
+from typing import List, Optional, Tuple
 
 from twisted.logger import Logger
 from twisted.python import context
@@ -21,6 +23,8 @@ log = Logger(namespace="tftp_offload")
 
 _ADDRESS_LIKE = re.compile(r"[0-9A-Fa-f.:]+(%|$)")
 _MAC = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
+_MISSING = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+"""A walk that stops at one of these has found no file: `open_regular` answers them with File not found."""
 
 PER_CLIENT = ("ip", "mac")
 """What `per_client` may name: the client's address or its MAC (dnsmasq's `--tftp-unique-root`)."""
@@ -41,6 +45,7 @@ class DirectoryBackend:
         first; `per_client`: look in `root/<client address>/` ("ip") or `root/<client MAC>/`
         ("mac", `52-54-00-12-34-56`) before `root/`."""
         self.root = os.path.realpath(root)
+        self._prefix = self.root.rstrip("/") + "/"
         if not os.path.isdir(self.root):
             raise ValueError(f"not a directory: {root}")
         if per_client not in (None, *PER_CLIENT):
@@ -69,10 +74,14 @@ class DirectoryBackend:
         With per-client roots, a file missing from the client's directory is
         looked for in the root, where other clients' directories are not served.
         """
+        return self._locate(file_name, client, local)[0]
+
+    def _locate(self, file_name: bytes, client: Optional[str], local: Optional[str]) -> Tuple[str, bool]:
+        """`locate`, and whether the walk found the path missing (then there is nothing to open)."""
         if self.rules is not None:
             file_name = self.rules.rewrite(file_name, client or "")
         if self.per_client is None or not client:
-            return self.resolve(file_name)
+            return self._resolve(file_name)
         if self.neighbours is not None:
             mac = self.neighbours.hardware_address(client, local)
             directories = [mac] if mac else []
@@ -81,17 +90,21 @@ class DirectoryBackend:
         for directory in directories:
             if not os.path.isdir(os.path.join(self.root, directory)):
                 continue  # one stat: most clients of a shared root have no directory of their own
-            path = self.resolve(file_name, directory)
-            if os.path.lexists(path):
-                return path
-        path = self.resolve(file_name)
+            path, missing = self._resolve(file_name, directory)
+            if not missing and os.path.lexists(path):
+                return path, False
+        path, missing = self._resolve(file_name)
         first = path[len(self.root):].lstrip("/").split("/", 1)[0]
         if _MAC.match(first) or client_directories(first, None):
             raise FileNotFound("File not found")  # another client's directory
-        return path
+        return path, missing
 
     def resolve(self, file_name: bytes, directory: Optional[str] = None) -> str:
         """The canonical path `file_name` names inside the root (in its `directory`, if given), or raise."""
+        return self._resolve(file_name, directory)[0]
+
+    def _resolve(self, file_name: bytes, directory: Optional[str] = None) -> Tuple[str, bool]:
+        """`resolve`, and whether a component of the path was found missing on the way."""
         if b"\0" in file_name:
             raise AccessViolation("Access violation: NUL in filename")
         name = os.fsdecode(file_name.replace(b"\\", b"/"))
@@ -100,15 +113,40 @@ class DirectoryBackend:
             raise AccessViolation("Access violation: '..' in filename")
         if not parts:
             raise FileNotFound("File not found")
-        path = os.path.realpath(os.path.join(self.root, *([directory] if directory else []), *parts))
+        path, missing = self._canonical([directory, *parts] if directory else parts)
         if not self._inside(path):
             raise AccessViolation("Access violation: path leaves the served directory")
-        return path
+        return path, missing
+
+    def _canonical(self, parts: List[str]) -> Tuple[str, bool]:
+        """`os.path.realpath(root/parts...)`, walked from the root, which is canonical already; and
+        whether a component is missing (ENOENT, or a file where a directory should be).
+
+        realpath would look at every component of the root again on every request (a third of a
+        missing file's cost): here one `lstat` per component below the root, and realpath itself
+        only from the first symlink on. Like realpath, a missing component ends the walk and the
+        rest is joined as it is. `parts` have no "", "." or "..".
+        """
+        path = self.root if self.root != "/" else ""
+        for i, part in enumerate(parts):
+            path = f"{path}/{part}"
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError as e:
+                return "/".join((path, *parts[i + 1:])), e.errno in _MISSING
+            if stat.S_ISLNK(mode):
+                return os.path.realpath(os.path.join(path, *parts[i + 1:])), False
+        return path or "/", False
 
     def get_reader(self, file_name: bytes) -> FileReader:
-        remote = context.get("remote")
-        local = context.get("local")
-        path = self.locate(file_name, remote[0] if remote else None, local[0] if local else None)
+        if self.rules is None and self.per_client is None:
+            path, missing = self._resolve(file_name)  # the request's context changes nothing: not read
+        else:
+            remote = context.get("remote")
+            local = context.get("local")
+            path, missing = self._locate(file_name, remote[0] if remote else None, local[0] if local else None)
+        if missing:
+            raise FileNotFound("File not found")  # what opening it would say, without a second failing call
         # The canonical path has no link left unless one was swapped in since: do not follow one,
         # and check where the descriptor really is (a directory on the way swapped for a link out).
         fd = open_regular(path, follow_symlinks=False)
@@ -124,7 +162,7 @@ class DirectoryBackend:
         return reader
 
     def _inside(self, path: str) -> bool:
-        return path == self.root or path.startswith(self.root.rstrip("/") + "/")
+        return path == self.root or path.startswith(self._prefix)
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")
