@@ -194,9 +194,8 @@ class TransferSockets:
     def open(self, local: str, protocol: Any) -> TransferSocket:
         """A socket bound to (local, a free port), read for `protocol` from now on."""
         family = socket.AF_INET6 if is_ipv6(local) else socket.AF_INET
-        skt = socket.socket(family, socket.SOCK_DGRAM)
+        skt = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)  # non-blocking: no second syscall
         try:
-            skt.setblocking(False)
             self._bind(skt, local)
             with contextlib.suppress(OSError):  # ENOENT: nothing received yet, as expected
                 # The first SIOCGSTAMP makes the kernel keep each datagram's arrival time.

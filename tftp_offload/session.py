@@ -204,7 +204,7 @@ class Session:
             pass  # a refusal before any transfer: its line is within the log budget (a flood is not a log)
         elif not (server.quiet and _shown_outcome(report) in (logs.COMPLETE, logs.PROBE)):
             fields = self.fields(report)
-            log.info("{log_text}", log_text=logs.end_text(fields), **fields, event="transfer-end")
+            logs.transfer_end(log, fields)
         if self.transfer is not None:
             server.stats.transfer_ended(self, server.reactor.seconds())
         # Last: forgetting the last session fires drain()'s Deferred, by which time the reader
