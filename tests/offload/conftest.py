@@ -4,19 +4,17 @@ responder (`pair`). Like tests/conftest.py, nothing here imports the reactor at 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import maybeDeferred
 from twisted.protocols import amp
 
-from tests.support.offload_support import ALL, sock_dir  # noqa: F401  (fixture)
+from tests.support.offload_support import ALL, Start, sock_dir  # noqa: F401  (fixture)
 from tftp_offload.offload import commands
 from tftp_offload.offload.client import AMPBackend
 from tftp_offload.offload.service import offload_service
-
-Start = Callable[..., Any]
 
 
 @pytest.fixture

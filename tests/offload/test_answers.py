@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Tuple
 
 import pytest
 import pytest_twisted
@@ -15,6 +14,7 @@ from tests.support.offload_support import (
     WINDOW,
     FakeBackend,
     Reader,
+    Start,
     ephemeral,
     fetch,
     files,
@@ -27,11 +27,8 @@ from tests.support.offload_support import (
 )
 from tftp_offload import errors
 from tftp_offload.offload import answers
-from tftp_offload.offload.client import AMPBackend
 from tftp_offload.readers import BytesReader, FileReader, PathReader
 from tftp_offload.reference import GeneratedReader, pattern
-
-Start = Callable[..., Tuple[AMPBackend, Any]]
 
 
 @pytest_twisted.ensureDeferred

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Tuple
+from typing import Any, List
 
 import pytest
 import pytest_twisted
@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 from tests.support.offload_support import (
     FakeBackend,
     Reader,
+    Start,
     fetch,
     files,
     get_reader,
@@ -23,11 +24,8 @@ from tests.support.offload_support import (
 )
 from tftp_offload.offload.answers import Answer, InlineAnswer
 from tftp_offload.offload.cache import AnswerCache
-from tftp_offload.offload.client import AMPBackend
 from tftp_offload.readers import FileReader
 from tftp_offload.reference import GeneratedReader, pattern
-
-Start = Callable[..., Tuple[AMPBackend, Any]]
 
 
 @pytest_twisted.ensureDeferred

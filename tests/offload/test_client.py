@@ -7,22 +7,17 @@ and the connection have test modules of their own.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
-
 import pytest
 import pytest_twisted
 
 from tests.support.offload_support import (
     FakeBackend,
     Reader,
+    Start,
     fetch,
     get_reader,
 )
 from tftp_offload import errors
-from tftp_offload.offload.client import AMPBackend
-
-Start = Callable[..., Tuple[AMPBackend, Any]]
-
 
 # ------------------------------------------------------------------------ answer kinds --
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, List, Tuple
+from typing import Any, List
 
 import pytest
 import pytest_twisted
@@ -13,6 +13,7 @@ from twisted.internet.error import ConnectionDone
 from tests.support.offload_support import (
     FakeBackend,
     Reader,
+    Start,
     fetch,
     get_reader,
     read_all,
@@ -22,8 +23,6 @@ from tests.support.offload_support import (
 from tftp_offload import errors
 from tftp_offload.offload.client import AMPBackend
 from tftp_offload.offload.service import offload_service
-
-Start = Callable[..., Tuple[AMPBackend, Any]]
 
 
 @pytest_twisted.ensureDeferred

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Tuple
 
 import pytest
 import pytest_twisted
@@ -16,6 +15,7 @@ from tests.support.offload_support import (
     WINDOW,
     FakeBackend,
     Reader,
+    Start,
     ephemeral,
     fetch,
     files,
@@ -23,11 +23,8 @@ from tests.support.offload_support import (
     wait_for,
 )
 from tftp_offload import errors
-from tftp_offload.offload.client import AMPBackend
 from tftp_offload.readers import FileReader, PathReader
 from tftp_offload.reference import pattern
-
-Start = Callable[..., Tuple[AMPBackend, Any]]
 
 
 @pytest.mark.parametrize("kind", ["inline", "fd", "path", "ephemeral"])

@@ -4,7 +4,6 @@ failing cleanly."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Tuple
 
 import pytest
 import pytest_twisted
@@ -14,6 +13,7 @@ from tests.support.offload_support import (
     WINDOW,
     FakeBackend,
     Reader,
+    Start,
     get_reader,
     inner,
     read_all,
@@ -22,11 +22,8 @@ from tests.support.offload_support import (
 )
 from tftp_offload import errors
 from tftp_offload.offload import streams
-from tftp_offload.offload.client import AMPBackend
 from tftp_offload.offload.commands import CHUNK_MAX
 from tftp_offload.reference import GeneratedReader, pattern
-
-Start = Callable[..., Tuple[AMPBackend, Any]]
 
 
 @pytest_twisted.ensureDeferred

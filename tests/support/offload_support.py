@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -34,11 +34,15 @@ from tests.support.harness import (
 )
 from tftp_offload.interfaces import IBackend
 from tftp_offload.offload import commands
+from tftp_offload.offload.client import AMPBackend
 from tftp_offload.offload.commands import CHUNK_MAX
 from tftp_offload.readers import PathReader
 from tftp_offload.reference import pattern
 
 Answer = Union[Any, Exception, Callable[[], Any]]
+
+Start = Callable[..., Tuple[AMPBackend, Any]]
+"""The `pair` fixture's type: start(backend, responder_options={}, **amp_options) -> (AMPBackend, responder)."""
 
 
 def short_dir(prefix: str = "tftpo-") -> str:
