@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.python import context
 from twisted.python.failure import Failure
 
+from tftp_offload.context import RequestContext
 from tftp_offload.lookup import BoundedLookup, LookupTimeout, finish_reader
 
 
@@ -61,7 +62,8 @@ def test_a_synchronous_exception_is_a_failure(clock: Clock, seen: Recorder) -> N
 
 
 def test_the_context_is_set_around_the_call(clock: Clock, seen: Recorder) -> None:
-    seen.lookup(clock).call(lambda name: context.get("remote"), b"x", ctx={"remote": ("192.0.2.7", 1234)})
+    ctx = RequestContext(("192.0.2.1", 69), ("192.0.2.7", 1234))
+    seen.lookup(clock).call(lambda name: context.get("remote"), b"x", ctx=ctx)
     assert seen.readers == [("192.0.2.7", 1234)]
 
 

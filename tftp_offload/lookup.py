@@ -12,13 +12,14 @@ the per-request path of a boot storm is a budget in microseconds.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.python import context
 from twisted.python.failure import Failure
+
+from .context import RequestContext
 
 log = Logger(namespace="tftp_offload.lookup")
 
@@ -60,10 +61,10 @@ class BoundedLookup:
         self.done = False
         """True once the wait has ended (answered, failed, timed out or abandoned)."""
 
-    def call(self, get_reader: Callable[..., Any], *args: Any, ctx: Optional[Dict[str, Any]] = None) -> None:
-        """Ask the backend: `get_reader(*args)`, inside `twisted.python.context` keys `ctx` if given."""
+    def call(self, get_reader: Callable[..., Any], *args: Any, ctx: Optional[RequestContext] = None) -> None:
+        """Ask the backend: `get_reader(*args)`, in the request's context `ctx` if given."""
         try:
-            result = get_reader(*args) if ctx is None else context.call(ctx, get_reader, *args)
+            result = get_reader(*args) if ctx is None else ctx.call(get_reader, *args)
         except Exception:
             self.reject(Failure())
             return

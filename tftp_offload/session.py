@@ -89,7 +89,7 @@ class Session:
         context = RequestContext((self.local, self.local_port), self.client, request.mode, request.options)
         lookup = self._lookup = BoundedLookup(server.reactor, server.lookup_timeout, self._got_reader,
                                               self._lookup_failed)
-        lookup.call(server.backend.get_reader, request.filename, ctx=context.as_context())
+        lookup.call(server.backend.get_reader, request.filename, ctx=context)
 
     def _lookup_failed(self, failure: Failure) -> None:
         """The backend refused, failed or did not answer in time: ERROR to the client, and the end."""

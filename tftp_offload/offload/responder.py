@@ -148,7 +148,7 @@ class OffloadResponder(amp.AMP):
         out: Deferred = Deferred()
         factory = self.factory
         lookup = BoundedLookup(factory.reactor, factory.lookup_timeout, out.callback, out.errback)
-        lookup.call(factory.backend.get_reader, filename, ctx=request.as_context())
+        lookup.call(factory.backend.get_reader, filename, ctx=request)
         return out
 
     def _answer(self, reader: Any, request_id: int, filename: bytes) -> Any:
