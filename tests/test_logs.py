@@ -391,6 +391,25 @@ def test_grep_recipes_match_what_is_written(twistd_factory: StartServer) -> None
     assert set(machine) == set(by["ok"] + by["missing"]), machine
 
 
+def test_trouble_recipe_finds_a_backend_failure() -> None:
+    """docs/operations.md: an unexpected backend failure is logged at critical, and the first recipe finds it."""
+    import io
+
+    from twisted.logger import Logger
+    from twisted.python.failure import Failure
+
+    out = io.StringIO()
+    log = Logger(namespace="tftp_offload", observer=logs.TextLinesObserver(out))
+    try:
+        raise RuntimeError("the backend broke")
+    except RuntimeError:
+        log.failure("Backend failed on {file} for {client}", failure=Failure(), file="pxelinux.0",
+                    client="192.0.2.7:2000", event="backend-error")
+    first, *rest = out.getvalue().splitlines()
+    assert re.search(recipes()["this boot's trouble"], first), first
+    assert "Backend failed on pxelinux.0 for 192.0.2.7:2000" in first and rest, out.getvalue()
+
+
 # -------------------------------------------------------------------- rotation --
 
 
