@@ -202,7 +202,7 @@ class Session:
         server = self.server
         if self.transfer is None and not server.guard.may_log(server.reactor.seconds()):
             pass  # a refusal before any transfer: its line is within the log budget (a flood is not a log)
-        elif not (server.quiet and _shown_outcome(report) in (logs.COMPLETE, logs.PROBE)):
+        elif not (server.quiet and str(report["outcome"]) in (logs.COMPLETE, logs.PROBE)):
             fields = self.fields(report)
             logs.transfer_end(log, fields)
         if self.transfer is not None:
@@ -233,11 +233,6 @@ class Session:
         by = "client" if code is not None or message is not None else None
         if by is None and self.error is not None:
             code, message, by = self.error
-        fields.update(outcome=_shown_outcome(report), bytes=report["bytes"], duration=round(report["duration"], 6),
+        fields.update(outcome=str(report["outcome"]), bytes=report["bytes"], duration=round(report["duration"], 6),
                       retransmits=report["retransmits"], error_code=code, error_message=message, error_by=by)
         return fields
-
-
-def _shown_outcome(report: Dict[str, Any]) -> str:
-    outcome = report["outcome"]
-    return str(getattr(outcome, "value", outcome))  # the plain string: a str Enum hashes by name
