@@ -18,7 +18,7 @@ transfer-socket factory (`TFTPServer.transfers`) replaced by a recorder.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Tuple, cast
+from typing import Any, Dict, Optional, Tuple, Union, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
@@ -160,12 +160,9 @@ class TFTPServer:
             if guard.may_log(self.reactor.seconds()):
                 log.info("Malformed datagram from {client}: {reason}", client=logs.address(*client),
                          reason=str(e), event="malformed", outcome=logs.REFUSED if is_request else None)
-            refusal = encode_error(ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}") if is_request else b""
-            if is_request and guard.may_reply(self.reactor.seconds(), len(refusal), len(data)):
-                # Someone meant to ask for a file: tell them why not (within a budget where the
-                # ERROR is larger than the malformed request: no amplifier for spoofers).
-                listener.reply(refusal, wire_client, local)
-                self.stats.error_sent(ErrorCode.ILLEGAL_OPERATION)
+            if is_request:  # someone meant to ask for a file: tell them why not
+                self.reply_error(listener, ErrorCode.ILLEGAL_OPERATION, f"Malformed request: {e}", wire_client,
+                                 local, len(data))
             self.stats.refuse("malformed")
             return None
         if not isinstance(packet, Request):
@@ -181,11 +178,8 @@ class TFTPServer:
                 log.info("refused write request for {file} from {client}: this server is read-only",
                          client=logs.address(*client), file=logs.filename(packet.filename), event="write-request",
                          outcome=logs.REFUSED, error_code=int(ErrorCode.ACCESS_VIOLATION))
-            if guard.may_reply(self.reactor.seconds(), len(WRITE_REFUSED), len(data)):
-                listener.reply(WRITE_REFUSED, wire_client, local)
-                self.stats.refuse("wrq", ErrorCode.ACCESS_VIOLATION)
-            else:
-                self.stats.refuse("wrq")
+            self.reply_error(listener, ErrorCode.ACCESS_VIOLATION, WRITE_REFUSED, wire_client, local, len(data))
+            self.stats.refuse("wrq")
             return None
         return packet
 
@@ -273,12 +267,25 @@ class TFTPServer:
             transfer.datagramReceived(data, client)  # type: ignore[union-attr]
             return True
         if data[:2] == b"\0\4" and client not in self._completed:
-            if self.guard.may_reply(self.reactor.seconds(), len(UNKNOWN_TID), len(data)):
-                listener.reply(UNKNOWN_TID, wire_client, local)
-                self.stats.error_sent(ErrorCode.UNKNOWN_TID)
+            self.reply_error(listener, ErrorCode.UNKNOWN_TID, UNKNOWN_TID, wire_client, local, len(data))
             self.stats.refuse("stranger")
             return True
         return False
+
+    def reply_error(self, listener: RequestPort, code: int, error: Union[str, bytes], wire_client: Address,
+                    local: str, answering: int) -> bool:
+        """ERROR `code` from the listening port, from the address asked, within the listeners' one
+        reply budget (`Guard.may_reply`: no amplifier for spoofers); counted if sent.
+
+        `error` is the message, or the datagram already encoded; `answering` is the size of the
+        datagram it answers. Every ERROR sent from a listener goes through here.
+        """
+        datagram = error if isinstance(error, bytes) else encode_error(code, error)
+        if not self.guard.may_reply(self.reactor.seconds(), len(datagram), answering):
+            return False
+        listener.reply(datagram, wire_client, local)
+        self.stats.error_sent(code)
+        return True
 
     def ports_exhausted(self, filename: bytes, client: Address, now: float) -> None:
         self.stats.refuse("capacity")

@@ -24,7 +24,7 @@ from .errors import error_for
 from .lookup import BoundedLookup, LookupTimeout, finish_reader
 from .mux import ListenerTransfer, PortsExhausted
 from .options import negotiate
-from .packets import ErrorCode, Request, encode_error
+from .packets import ErrorCode, Request
 from .readers import NetasciiReader
 from .transfer import Transfer
 from .udp import Address, RequestPort, is_ipv6
@@ -157,10 +157,7 @@ class Session:
 
         Within the listeners' one reply budget (`Guard.may_reply`), like every ERROR sent from there.
         """
-        error = encode_error(code, message)
-        if self.server.guard.may_reply(self.server.reactor.seconds(), len(error), len(self.raw)):
-            self.listener.reply(error, self.wire_client, self.local)
-            self.server.stats.error_sent(code)
+        self.server.reply_error(self.listener, code, message, self.wire_client, self.local, len(self.raw))
 
     # -- the end ----------------------------------------------------------------------------
 
