@@ -192,6 +192,36 @@ async def test_duplicate_read_after_its_transfer_completed_is_ignored(start: Sta
     assert len(backend.lookups) == 3
 
 
+def test_a_completed_transfer_is_remembered_for_its_own_five_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ended first is forgotten first, and a client that completed again is kept for its later end;
+    at most MAX_REMEMBERED are kept. (Expiry walks a queue: see `TFTPServer._remember_completed`.)"""
+    from twisted.internet.task import Clock
+
+    from tftp_offload import server as server_module
+    from tftp_offload.server import REMEMBER_COMPLETED, TFTPServer
+
+    class Ended:
+        """What `_remember_completed` reads of a session."""
+
+        def __init__(self, client: Tuple[str, int], raw: bytes) -> None:
+            self.client, self.raw = client, raw
+
+    a, b, c = ("192.0.2.1", 1000), ("192.0.2.2", 1000), ("192.0.2.3", 1000)
+    server = TFTPServer(Backend({}), reactor=Clock())
+    def remember(ended: Ended, when: float) -> None:
+        server._remember_completed(ended, when)  # type: ignore[arg-type]  # a stand-in for a Session
+
+    remember(Ended(a, b"one"), 100.0)
+    remember(Ended(a, b"two"), 103.0)  # the same client, again, later
+    remember(Ended(b, b"b"), 100.0 + REMEMBER_COMPLETED + 0.5)
+    assert server._completed == {a: (b"two", 103.0), b: (b"b", 105.5)}  # a's first end expired, not its second
+    remember(Ended(c, b"c"), 103.0 + REMEMBER_COMPLETED + 0.5)
+    assert server._completed == {b: (b"b", 105.5), c: (b"c", 108.5)}
+    monkeypatch.setattr(server_module, "MAX_REMEMBERED", 2)
+    remember(Ended(a, b"three"), 109.0)
+    assert server._completed == {c: (b"c", 108.5), a: (b"three", 109.0)}
+
+
 @pytest_twisted.ensureDeferred
 async def test_same_request_after_a_client_error_is_served(start: Start) -> None:
     """Only completed transfers are remembered: a request again after the client's ERROR is new."""

@@ -18,7 +18,8 @@ transfer-socket factory (`TFTPServer.transfers`) replaced by a recorder.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Tuple, Union, cast
+from collections import deque
+from typing import Any, Deque, Dict, Optional, Tuple, Union, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
@@ -92,6 +93,9 @@ class TFTPServer:
         self.accepting = True
         self._drained: Optional[Deferred] = None
         self._completed: Dict[Address, Tuple[bytes, float]] = {}
+        """Client -> (request, final ACK's arrival) of transfers completed lately (`_remember_completed`)."""
+        self._completed_order: Deque[Tuple[Address, float]] = deque()
+        """(client, arrival) in the order they were remembered: what expires first is at the left."""
         self.quiet = config.quiet
         """Log only transfers that did not complete (a boot storm's worth of lines costs CPU)."""
         self.log_starts = config.log_starts
@@ -328,15 +332,19 @@ class TFTPServer:
         tell apart, whatever order the reactor read the two sockets in; the
         memory only needs to outlast the reactor's backlog.
         """
-        completed = self._completed
-        completed.pop(session.client, None)
-        completed[session.client] = (session.raw, ended)
+        completed, order = self._completed, self._completed_order
+        client = session.client
+        completed[client] = (session.raw, ended)
+        order.append((client, ended))
         horizon = ended - REMEMBER_COMPLETED
-        while completed:  # oldest first (dicts keep insertion order)
-            oldest = next(iter(completed))
-            if completed[oldest][1] >= horizon and len(completed) <= MAX_REMEMBERED:
-                break
-            del completed[oldest]
+        # Expired from the front of a queue, not the dict: deleting a dict's oldest keys leaves
+        # holes that every next(iter(dict)) walks over until the dict is resized (10 us a request
+        # in a boot storm, with tens of thousands of transfers remembered).
+        while order and (order[0][1] < horizon or len(order) > MAX_REMEMBERED):
+            old, when = order.popleft()
+            kept = completed.get(old)
+            if kept is not None and kept[1] == when:  # not since replaced by a later transfer's
+                del completed[old]
 
     def drain(self, grace: float) -> Deferred:
         """Take no new requests, give running transfers `grace` seconds to end, then abort the rest.
