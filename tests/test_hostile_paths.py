@@ -162,16 +162,51 @@ async def test_corpus_through_the_wire(serve: Serving, stack: Tuple[str, Any, Li
     TRIED[kind] = len(names)
 
 
-def test_a_directory_swapped_for_a_link_after_the_check_is_caught(tree: Tuple[Path, Path],
+@pytest.mark.parametrize("seen", ["nothing", "a file inside"])
+def test_a_directory_swapped_for_a_link_after_the_check_is_caught(tree: Tuple[Path, Path], seen: str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The canonical path is checked, then opened: a directory on the way replaced by a symlink out in
-    between (O_NOFOLLOW guards only the last component) is caught by where the descriptor really is."""
+    between (O_NOFOLLOW guards only the last component) is caught by where the descriptor really is,
+    whether the walk saw no file (a symlink on the way) or a file inside the root that is not the one opened."""
     root, _outside = tree
     backend = DirectoryBackend(str(root))
-    raced = str(root / "escape-dir" / "secret")  # what resolve() checked was a directory, now a link out
-    # get_reader's step of resolve(): the path, and that nothing on the way was missing
-    monkeypatch.setattr(backend, "_resolve", lambda name, directory=None: (raced, False))
+    raced = str(root / "escape-dir" / "secret")  # what the walk checked was a directory, now a link out
+    found = os.lstat(root / "inside.txt") if seen == "a file inside" else None
+    # get_reader's step of resolving: the path, that nothing on the way was missing, and what the walk saw
+    monkeypatch.setattr(backend, "_resolve_walk", lambda name, directory=None: (raced, False, found))
     before = open_fds()
     with pytest.raises(AccessViolation, match="leaves the served directory"):
         backend.get_reader(b"swapped/secret")
     assert open_fds() == before
+
+
+def test_the_file_the_walk_saw_is_served_without_asking_proc(tree: Tuple[Path, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the descriptor is the file the walk lstat'ed inside the root (same inode), where it really is
+    needs no /proc lookup (two system calls a request fewer); a file replaced since would need one."""
+    root, _outside = tree
+    backend = DirectoryBackend(str(root))
+    asked: List[str] = []
+    real_readlink = os.readlink
+    monkeypatch.setattr(os, "readlink", lambda path: asked.append(str(path)) or real_readlink(path))
+    reader = backend.get_reader(b"inside.txt")
+    try:
+        assert reader.read(4096) == (root / "inside.txt").read_bytes()
+    finally:
+        reader.finish()
+    assert asked == []
+    (root / "inside.txt.new").write_bytes(b"replaced")
+    walked = backend._resolve_walk
+
+    def replaced_after_the_walk(name: bytes, directory: Optional[str] = None) -> Any:
+        found = walked(name, directory)
+        os.replace(root / "inside.txt.new", root / "inside.txt")  # an operator's atomic update, just then
+        return found
+
+    monkeypatch.setattr(backend, "_resolve_walk", replaced_after_the_walk)
+    reader = backend.get_reader(b"inside.txt")
+    try:
+        assert reader.read(4096) == b"replaced"  # served: it is inside the root, as /proc says
+    finally:
+        reader.finish()
+    assert len(asked) == 1 and asked[0].startswith("/proc/self/fd/")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -34,21 +34,41 @@ def open_regular(path: Union[str, bytes], follow_symlinks: bool = False) -> int:
     must not be raced by a link swapped in since. Error texts never name the path.
     """
     try:
-        _refuse_unless_regular(os.stat(path, follow_symlinks=follow_symlinks).st_mode)
+        mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+    except OSError as e:
+        raise _refusal(e) from None
+    return open_checked(path, mode, follow_symlinks)[0]
+
+
+def open_checked(path: Union[str, bytes], mode: int, follow_symlinks: bool = False) -> Tuple[int, os.stat_result]:
+    """`open_regular` for a caller that has just stat'ed `path` itself (`mode`): the descriptor and its `fstat`.
+
+    The directory backend's walk has the last component's `lstat` already; asking again
+    would be a second system call per request for the same answer. The `fstat` returned is
+    what the caller may compare with its own (`FileReader` takes it too: no third call).
+    """
+    _refuse_unless_regular(mode)
+    try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW))
     except OSError as e:
-        # ENOTDIR: a file used as a directory; ENAMETOOLONG: a name no file here can have.
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
-            raise FileNotFound("File not found") from None
-        if e.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
-            raise AccessViolation("Access violation: permission denied") from None
-        raise
+        raise _refusal(e) from None
     try:
-        _refuse_unless_regular(os.fstat(fd).st_mode)
-    except AccessViolation:
+        info = os.fstat(fd)
+        _refuse_unless_regular(info.st_mode)
+    except BaseException:
         os.close(fd)
         raise
-    return fd
+    return fd, info
+
+
+def _refusal(e: OSError) -> Exception:
+    """The backend error for a failed stat or open: what the client is told, never the path."""
+    # ENOTDIR: a file used as a directory; ENAMETOOLONG: a name no file here can have.
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+        return FileNotFound("File not found")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
+        return AccessViolation("Access violation: permission denied")
+    return e
 
 
 def _refuse_unless_regular(mode: int) -> None:
@@ -95,10 +115,12 @@ class FileReader:
     kind = "file"
     """The answer kind metrics count (`tftp_backend_answers_total`); a backend may set its own."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, info: Optional[os.stat_result] = None) -> None:
+        """`info`: the descriptor's `fstat`, if the caller has it (`open_checked` returns it)."""
         self._fd: Optional[int] = fd
         self._offset = 0
-        info = os.fstat(fd)
+        if info is None:
+            info = os.fstat(fd)
         regular = stat.S_ISREG(info.st_mode)
         self.size: Optional[int] = info.st_size if regular else None
         self._read = self._pread if regular else self._stream_read

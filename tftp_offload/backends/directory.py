@@ -16,7 +16,7 @@ from zope.interface import implementer
 from ..errors import AccessViolation, FileNotFound, Unsupported
 from ..interfaces import IBackend
 from ..neighbours import NeighbourTable
-from ..readers import FileReader, open_regular
+from ..readers import FileReader, open_checked, open_regular
 from ..remap import MapFileError, RuleSet
 
 log = Logger(namespace="tftp_offload")
@@ -25,6 +25,9 @@ _ADDRESS_LIKE = re.compile(r"[0-9A-Fa-f.:]+(%|$)")
 _MAC = re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){5}$")
 _MISSING = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
 """A walk that stops at one of these has found no file: `open_regular` answers them with File not found."""
+
+Found = Optional[os.stat_result]
+"""The `lstat` of the file a walk found (None: none found, or a symlink on the way)."""
 
 PER_CLIENT = ("ip", "mac")
 """What `per_client` may name: the client's address or its MAC (dnsmasq's `--tftp-unique-root`)."""
@@ -105,6 +108,11 @@ class DirectoryBackend:
 
     def _resolve(self, file_name: bytes, directory: Optional[str] = None) -> Tuple[str, bool]:
         """`resolve`, and whether a component of the path was found missing on the way."""
+        path, missing, _ = self._resolve_walk(file_name, directory)
+        return path, missing
+
+    def _resolve_walk(self, file_name: bytes, directory: Optional[str] = None) -> Tuple[str, bool, Found]:
+        """`_resolve`, and the found file's `lstat` (see `_walk`)."""
         if b"\0" in file_name:
             raise AccessViolation("Access violation: NUL in filename")
         name = os.fsdecode(file_name.replace(b"\\", b"/"))
@@ -113,34 +121,39 @@ class DirectoryBackend:
             raise AccessViolation("Access violation: '..' in filename")
         if not parts:
             raise FileNotFound("File not found")
-        path, missing = self._canonical([directory, *parts] if directory else parts)
+        path, missing, info = self._walk([directory, *parts] if directory else parts)
         if not self._inside(path):
             raise AccessViolation("Access violation: path leaves the served directory")
-        return path, missing
+        return path, missing, info
 
-    def _canonical(self, parts: List[str]) -> Tuple[str, bool]:
-        """`os.path.realpath(root/parts...)`, walked from the root, which is canonical already; and
-        whether a component is missing (ENOENT, or a file where a directory should be).
+    def _walk(self, parts: List[str]) -> Tuple[str, bool, Found]:
+        """`os.path.realpath(root/parts...)`, walked from the root; whether a component is missing;
+        and the `lstat` of the path it found, when no symlink was on the way.
 
         realpath would look at every component of the root again on every request (a third of a
-        missing file's cost): here one `lstat` per component below the root, and realpath itself
-        only from the first symlink on. Like realpath, a missing component ends the walk and the
-        rest is joined as it is. `parts` have no "", "." or "..".
+        missing file's cost): here one `lstat` per component below the root, which is canonical
+        already, and realpath itself only from the first symlink on. Like realpath, a missing
+        component (ENOENT, or a file where a directory should be) ends the walk and the rest is
+        joined as it is. `parts` have no "", "." or "..". The last `lstat` is what `get_reader`
+        needs to know before it opens: no second look at the same file.
         """
         path = self.root if self.root != "/" else ""
+        info = None
         for i, part in enumerate(parts):
             path = f"{path}/{part}"
             try:
-                mode = os.lstat(path).st_mode
+                info = os.lstat(path)
             except OSError as e:
-                return "/".join((path, *parts[i + 1:])), e.errno in _MISSING
-            if stat.S_ISLNK(mode):
-                return os.path.realpath(os.path.join(path, *parts[i + 1:])), False
-        return path or "/", False
+                return "/".join((path, *parts[i + 1:])), e.errno in _MISSING, None
+            if stat.S_ISLNK(info.st_mode):
+                return os.path.realpath(os.path.join(path, *parts[i + 1:])), False, None
+        return path or "/", False, info
 
     def get_reader(self, file_name: bytes) -> FileReader:
+        info = None
         if self.rules is None and self.per_client is None:
-            path, missing = self._resolve(file_name)  # the request's context changes nothing: not read
+            # The request's context changes nothing: not read. The walk's last lstat is kept.
+            path, missing, info = self._resolve_walk(file_name)
         else:
             remote = context.get("remote")
             local = context.get("local")
@@ -148,16 +161,23 @@ class DirectoryBackend:
         if missing:
             raise FileNotFound("File not found")  # what opening it would say, without a second failing call
         # The canonical path has no link left unless one was swapped in since: do not follow one,
-        # and check where the descriptor really is (a directory on the way swapped for a link out).
-        fd = open_regular(path, follow_symlinks=False)
-        try:
-            opened = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            opened = path  # no /proc: the checks above are all there is
-        if not self._inside(opened):
-            os.close(fd)
-            raise AccessViolation("Access violation: path leaves the served directory")
-        reader = FileReader(fd)
+        # and check that the descriptor is what the walk found inside the root.
+        opened: Optional[os.stat_result] = None
+        if info is None:
+            fd = open_regular(path, follow_symlinks=False)
+        else:
+            fd, opened = open_checked(path, info.st_mode)
+        if info is None or opened is None or (opened.st_ino, opened.st_dev) != (info.st_ino, info.st_dev):
+            # Not the file the walk saw (none was seen, or it was replaced since, a directory
+            # on the way perhaps swapped for a link out): where is the descriptor really?
+            try:
+                real = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                real = path  # no /proc: the checks above are all there is
+            if not self._inside(real):
+                os.close(fd)
+                raise AccessViolation("Access violation: path leaves the served directory")
+        reader = FileReader(fd, opened)
         reader.kind = "directory"
         return reader
 
