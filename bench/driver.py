@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""The driver's own cost per small-file request, without sockets: a benchmark, not a test.
+
+One request is what a boot storm's small files are: RRQ (blksize, tsize) -> OACK -> ACK 0 ->
+DATA 1 -> ACK 1 -> the transfer-end line, through the real `TFTPServer`, `Session`, `Transfer`,
+engine, directory backend (a real 1 KiB file) and text log observer (writing to /dev/null), on a
+`task.Clock`. The listener and the transfer sockets are stand-ins that send nothing, so what is
+measured is our Python per request (plus the backend's open and read), not the kernel's UDP:
+the figure to watch when changing the per-request path, steadier than a load run on a shared
+machine. Compare two checkouts with PYTHONPATH:
+
+  .venv/bin/python bench/driver.py [--quiet] [--profile] [-n 20000]
+  PYTHONPATH=../old .venv/bin/python bench/driver.py      # an older checkout, same venv
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import tempfile
+import time
+from typing import Any, List, Sequence, Tuple
+
+from twisted.internet.task import Clock
+from twisted.logger import globalLogBeginner
+
+from tftp_offload import logs
+from tftp_offload.backends.directory import DirectoryBackend
+from tftp_offload.config import ServerConfig
+from tftp_offload.guard import GuardLimits
+from tftp_offload.server import TFTPServer
+
+RRQ = b"\0\1config\0octet\0blksize\x001468\0tsize\x000\0"
+ACK0, ACK1 = b"\0\4\0\0", b"\0\4\0\1"
+LOCAL = "127.0.0.1"
+
+
+class _Host:
+    host, port = LOCAL, 69
+
+
+class Listener:
+    """A listening port that sends nothing (`RequestPort`'s part the driver uses)."""
+
+    def getHost(self) -> _Host:
+        return _Host()
+
+    def reply(self, datagram: bytes, client: Tuple[str, int], local: str) -> None:
+        pass
+
+    def reply_all(self, datagrams: Sequence[bytes], client: Tuple[str, int], local: str) -> int:
+        return len(datagrams)
+
+
+class Port:
+    """A transfer socket that sends nothing (`mux.TransferSocket`'s part the transfer uses)."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def send(self, datagram: bytes, addr: Tuple[str, int]) -> bool:
+        return True
+
+    def send_all(self, datagrams: List[bytes], addr: Tuple[str, int]) -> int:
+        return len(datagrams)
+
+    def last_arrival(self) -> float:
+        return time.time()
+
+    def stopListening(self) -> None:
+        pass
+
+
+class Ports:
+    """The transfer-socket factory, handing out `Port`s."""
+
+    def open(self, local: str, protocol: Any) -> Port:
+        return Port(protocol)
+
+    def exhausted(self) -> bool:
+        return False
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=20000, help="requests per round (3 rounds, the best is shown)")
+    ap.add_argument("--quiet", action="store_true", help="as --quiet: no line for a complete transfer")
+    ap.add_argument("--profile", action="store_true", help="then one more round under cProfile, by own time")
+    args = ap.parse_args()
+    root = tempfile.mkdtemp(prefix="tftp-driver-bench-")
+    with open(os.path.join(root, "config"), "wb") as f:
+        f.write(os.urandom(1024))
+    sink = open(os.devnull, "w")  # noqa: SIM115  (the log's destination for the life of the process)
+    globalLogBeginner.beginLoggingTo([logs.TextLinesObserver(sink)], discardBuffer=True, redirectStandardIO=False)
+    clock = Clock()
+    server = TFTPServer(DirectoryBackend(root), ServerConfig(
+        max_sessions=100_000, quiet=args.quiet,
+        guard=GuardLimits(max_sessions_per_client=0, requests_per_second_per_client=0)), clock)
+    server.transfers = Ports()  # type: ignore[assignment]
+    listener = Listener()
+
+    def one(port: int) -> None:
+        client = (LOCAL, port)
+        server.request_received(listener, RRQ, client, LOCAL, time.time())  # type: ignore[arg-type]
+        transfer = server.sessions[client].transfer
+        assert transfer is not None
+        transfer.datagramReceived(ACK0, client)
+        transfer.datagramReceived(ACK1, client)
+        if client in server.sessions:
+            raise SystemExit("a request did not complete: the benchmark no longer matches the driver")
+
+    def run() -> None:
+        for i in range(args.n):
+            one(1024 + i % 60000)
+            clock.advance(0.0001)
+
+    run()  # warm-up: caches, and the remembered transfers at their steady size
+    best = min(_timed(run) for _ in range(3)) / args.n * 1e6
+    print(f"{best:.1f} us per request (best of 3 rounds of {args.n}; {'--quiet' if args.quiet else 'logging on'})")
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(run)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+
+
+def _timed(run: Any) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    main()
