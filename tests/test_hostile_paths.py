@@ -173,7 +173,7 @@ def test_a_directory_swapped_for_a_link_after_the_check_is_caught(tree: Tuple[Pa
     raced = str(root / "escape-dir" / "secret")  # what the walk checked was a directory, now a link out
     found = os.lstat(root / "inside.txt") if seen == "a file inside" else None
     # get_reader's step of resolving: the path, that nothing on the way was missing, and what the walk saw
-    monkeypatch.setattr(backend, "_resolve_walk", lambda name, directory=None: (raced, False, found))
+    monkeypatch.setattr(backend, "_resolve", lambda name, directory=None: (raced, False, found))
     before = open_fds()
     with pytest.raises(AccessViolation, match="leaves the served directory"):
         backend.get_reader(b"swapped/secret")
@@ -196,14 +196,14 @@ def test_the_file_the_walk_saw_is_served_without_asking_proc(tree: Tuple[Path, P
         reader.finish()
     assert asked == []
     (root / "inside.txt.new").write_bytes(b"replaced")
-    walked = backend._resolve_walk
+    walked = backend._resolve
 
     def replaced_after_the_walk(name: bytes, directory: Optional[str] = None) -> Any:
         found = walked(name, directory)
         os.replace(root / "inside.txt.new", root / "inside.txt")  # an operator's atomic update, just then
         return found
 
-    monkeypatch.setattr(backend, "_resolve_walk", replaced_after_the_walk)
+    monkeypatch.setattr(backend, "_resolve", replaced_after_the_walk)
     reader = backend.get_reader(b"inside.txt")
     try:
         assert reader.read(4096) == b"replaced"  # served: it is inside the root, as /proc says

@@ -79,8 +79,9 @@ class DirectoryBackend:
         """
         return self._locate(file_name, client, local)[0]
 
-    def _locate(self, file_name: bytes, client: Optional[str], local: Optional[str]) -> Tuple[str, bool]:
-        """`locate`, and whether the walk found the path missing (then there is nothing to open)."""
+    def _locate(self, file_name: bytes, client: Optional[str], local: Optional[str]) -> Tuple[str, bool, Found]:
+        """`locate`, whether the walk found the path missing (then there is nothing to open), and
+        the found file's `lstat` (see `_walk`)."""
         if self.rules is not None:
             file_name = self.rules.rewrite(file_name, client or "")
         if self.per_client is None or not client:
@@ -93,26 +94,22 @@ class DirectoryBackend:
         for directory in directories:
             if not os.path.isdir(os.path.join(self.root, directory)):
                 continue  # one stat: most clients of a shared root have no directory of their own
-            path, missing = self._resolve(file_name, directory)
-            if not missing and os.path.lexists(path):
-                return path, False
-        path, missing = self._resolve(file_name)
+            path, missing, info = self._resolve(file_name, directory)
+            if not missing and (info is not None or os.path.lexists(path)):
+                return path, False, info
+        path, missing, info = self._resolve(file_name)
         first = path[len(self.root):].lstrip("/").split("/", 1)[0]
         if _MAC.match(first) or client_directories(first, None):
             raise FileNotFound("File not found")  # another client's directory
-        return path, missing
+        return path, missing, info
 
     def resolve(self, file_name: bytes, directory: Optional[str] = None) -> str:
         """The canonical path `file_name` names inside the root (in its `directory`, if given), or raise."""
         return self._resolve(file_name, directory)[0]
 
-    def _resolve(self, file_name: bytes, directory: Optional[str] = None) -> Tuple[str, bool]:
-        """`resolve`, and whether a component of the path was found missing on the way."""
-        path, missing, _ = self._resolve_walk(file_name, directory)
-        return path, missing
-
-    def _resolve_walk(self, file_name: bytes, directory: Optional[str] = None) -> Tuple[str, bool, Found]:
-        """`_resolve`, and the found file's `lstat` (see `_walk`)."""
+    def _resolve(self, file_name: bytes, directory: Optional[str] = None) -> Tuple[str, bool, Found]:
+        """`resolve`, whether a component of the path was found missing on the way, and the found
+        file's `lstat` (see `_walk`)."""
         if b"\0" in file_name:
             raise AccessViolation("Access violation: NUL in filename")
         name = os.fsdecode(file_name.replace(b"\\", b"/"))
@@ -150,24 +147,24 @@ class DirectoryBackend:
         return path or "/", False, info
 
     def get_reader(self, file_name: bytes) -> FileReader:
-        info = None
         if self.rules is None and self.per_client is None:
-            # The request's context changes nothing: not read. The walk's last lstat is kept.
-            path, missing, info = self._resolve_walk(file_name)
+            path, missing, info = self._resolve(file_name)  # the request's context changes nothing: not read
         else:
             remote = context.get("remote")
             local = context.get("local")
-            path, missing = self._locate(file_name, remote[0] if remote else None, local[0] if local else None)
+            path, missing, info = self._locate(file_name, remote[0] if remote else None,
+                                               local[0] if local else None)
         if missing:
             raise FileNotFound("File not found")  # what opening it would say, without a second failing call
         # The canonical path has no link left unless one was swapped in since: do not follow one,
         # and check that the descriptor is what the walk found inside the root.
-        opened: Optional[os.stat_result] = None
+        opened: Found = None
         if info is None:
-            fd = open_regular(path, follow_symlinks=False)
+            fd, seen = open_regular(path, follow_symlinks=False), False
         else:
             fd, opened = open_checked(path, info.st_mode)
-        if info is None or opened is None or (opened.st_ino, opened.st_dev) != (info.st_ino, info.st_dev):
+            seen = (opened.st_ino, opened.st_dev) == (info.st_ino, info.st_dev)
+        if not seen:
             # Not the file the walk saw (none was seen, or it was replaced since, a directory
             # on the way perhaps swapped for a link out): where is the descriptor really?
             try:
