@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
+from twisted.internet.task import Clock
 
 from tests.support import tftp_client
 from tests.support.harness import REPO, StartServer, TwistdServer
@@ -72,7 +73,8 @@ def test_text_observer_writes_what_twistd_would() -> None:
     except ValueError:
         failure = Failure()
     ours, theirs = io.StringIO(), io.StringIO()
-    observer, twisted = logs.TextLinesObserver(ours), textFileLogObserver(theirs)
+    clock = Clock()
+    observer, twisted = logs.TextLinesObserver(ours, clock), textFileLogObserver(theirs)
     common = {"log_namespace": "tftp_offload", "log_level": LogLevel.info, "log_format": "{log_text}"}
     events = [
         {**common, "log_time": 1.25, "log_text": "complete a to 192.0.2.1:1: 1 bytes in 0.001s", "file": "a"},
@@ -86,8 +88,42 @@ def test_text_observer_writes_what_twistd_would() -> None:
     for event in events:
         observer(dict(event))
         twisted(dict(event))
+    clock.advance(0)  # the end of the reactor's turn: our last line is written
     assert ours.getvalue() == theirs.getvalue()
     assert ours.getvalue().count("\n") >= len(events)
+
+
+def test_text_observer_writes_a_turns_lines_at_its_end() -> None:
+    """One write per reactor turn, not per transfer line; another event first writes what is held."""
+    from twisted.logger import LogLevel
+
+    class Out:
+        def __init__(self) -> None:
+            self.writes: List[str] = []
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    out, clock = Out(), Clock()
+    observer = logs.TextLinesObserver(out, clock)  # type: ignore[arg-type]
+    common = {"log_namespace": "tftp_offload", "log_level": LogLevel.info, "log_format": "{log_text}",
+              "log_time": 1.0}
+    for name in ("a", "b", "c"):
+        observer({**common, "log_text": f"complete {name}"})
+    assert out.writes == []
+    clock.advance(0)
+    assert len(out.writes) == 1 and out.writes[0].count("\n") == 3 and out.writes[0].endswith("complete c\n")
+    observer({**common, "log_text": "complete d"})
+    observer({**common, "log_format": "Serving {n}", "n": 2})  # Twisted's: ours go first
+    assert "complete d" in out.writes[1] and "Serving 2" in "".join(out.writes[2:])
+    clock.advance(0)
+    assert not any("complete d" in w for w in out.writes[2:])  # written once
+    for i in range(logs.MAX_PENDING_LINES):  # a turn that ends very many: written as they reach the cap
+        observer({**common, "log_text": f"complete {i}"})
+    assert "".join(out.writes).count("complete") == 4 + logs.MAX_PENDING_LINES
 
 
 def test_transfer_end_is_the_event_logger_info_makes() -> None:

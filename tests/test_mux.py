@@ -236,3 +236,64 @@ def test_reader_lost_while_reading() -> None:
     assert sum(len(p.got) for p in protocols) == 1
     assert len(mux) == 0 and mux not in readers() and open_fds() == before
     mux.close()  # harmless afterwards
+
+
+# ------------------------------------------------------------------- peer sockets --
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest_twisted.ensureDeferred
+async def test_a_peer_socket_takes_the_clients_datagrams_and_strangers_still_reach_the_transfer(host: str) -> None:
+    """A long transfer's two sockets share one port: the client's datagrams arrive through the
+    connected one, a stranger's through the other (so it can be told ERROR 5), and replies to
+    the client leave from the port it knows, the window through segmentation offload too."""
+    before = open_fds()
+    try:
+        peer, stranger = client(host), client(host)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    mux = TransferSockets(get_reactor())
+    protocol = Recorder()
+    address = peer.getsockname()[:2]
+    transfer = mux.open(host, protocol, peer=address)
+    try:
+        assert transfer.peer_socket is not None and transfer.peer == address
+        assert transfer.peer_socket.getsockname()[1] == transfer.port
+        peer.sendto(b"ack", (host, transfer.port))
+        stranger.sendto(b"who", (host, transfer.port))
+        await until(lambda: len(protocol.got) == 2, what="both datagrams")
+        assert sorted(protocol.got) == sorted([(b"ack", address), (b"who", stranger.getsockname()[:2])])
+        assert transfer.last_arrival() is not None
+        window = [bytes([i]) * 1000 for i in range(5)] + [b"end"]
+        assert transfer.send_all(window, address) == len(window)
+        got = [peer.recvfrom(2000) for _ in window]
+        assert [d for d, _ in got] == window and {a[1] for _, a in got} == {transfer.port}
+        assert transfer.send(b"error 5", stranger.getsockname()[:2])
+        data, source = stranger.recvfrom(100)
+        assert (data, source[1]) == (b"error 5", transfer.port)
+        # A second long transfer gets a port of its own: nothing else joins a shared one.
+        other = mux.open(host, Recorder(), peer=stranger.getsockname()[:2])
+        assert other.port != transfer.port
+    finally:
+        peer.close()
+        stranger.close()
+        mux.close()
+    assert len(mux) == 0 and mux not in readers() and open_fds() == before
+
+
+def test_a_peer_socket_the_kernel_refuses_leaves_the_transfer_its_one_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without SO_REUSEPORT (an option number it does not know, here): the transfer is
+    served from its one unconnected socket, and nothing is left open."""
+    monkeypatch.setattr(socket, "SO_REUSEPORT", 9999)
+    before = open_fds()
+    mux = TransferSockets(get_reactor())
+    peer = client()
+    try:
+        transfer = mux.open("127.0.0.1", Recorder(), peer=peer.getsockname())
+        assert transfer.peer_socket is None
+        assert transfer.send_all([b"a", b"b"], peer.getsockname()) == 2
+        assert [peer.recvfrom(10)[0] for _ in range(2)] == [b"a", b"b"]
+    finally:
+        peer.close()
+        mux.close()
+    assert open_fds() == before

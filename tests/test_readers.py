@@ -117,6 +117,26 @@ def test_file_reader_keeps_reading_after_a_short_read(tmp_path: Path, monkeypatc
     reader.finish()
 
 
+def test_file_reader_ends_a_regular_file_at_its_size_without_a_confirming_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the size fstat gave (what tsize told the client) a short read is the end: one pread, not two."""
+    content = os.urandom(1024)
+    fd = open_file(tmp_path / "f", content)
+    real_pread: Callable[[int, int, int], bytes] = os.pread
+    calls: List[int] = []
+
+    def counted_pread(fd: int, n: int, offset: int) -> bytes:
+        calls.append(offset)
+        return real_pread(fd, n, offset)
+
+    reader = FileReader(fd)
+    monkeypatch.setattr(os, "pread", counted_pread)
+    assert reader.read(32768) == content
+    monkeypatch.undo()
+    assert calls == [0]
+    reader.finish()
+
+
 def test_file_reader_on_a_pipe_has_no_size(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     os.write(write_end, b"streamed")

@@ -38,6 +38,7 @@ from tests.support.inprocess import (
     until,
 )
 from tftp_offload.errors import AccessViolation, BackendError, FileNotFound, Unsupported
+from tftp_offload.mux import PEER_SOCKET_BLOCKS
 from tftp_offload.options import Limits
 from tftp_offload.service import TFTPOffloadService
 
@@ -310,9 +311,12 @@ async def test_garbage_on_the_request_port_is_ignored(start: Start) -> None:
     assert got.complete and got.data == FILE
 
 
+@pytest.mark.parametrize("size", [len(FILE), PEER_SOCKET_BLOCKS * 512 + 100], ids=["short", "long"])
 @pytest_twisted.ensureDeferred
-async def test_stranger_on_a_transfer_port_gets_error_5(serve: Serving, start: Start) -> None:
-    backend = Backend({b"file": FILE})
+async def test_stranger_on_a_transfer_port_gets_error_5(serve: Serving, start: Start, size: int) -> None:
+    """Short and long transfers alike (a long one's client is read through its connected peer socket)."""
+    content = os.urandom(size)
+    backend = Backend({b"file": content})
     service, server, peer = start(backend)
     stranger = serve.peer()
     elsewhere = serve.peer("127.0.0.3")  # same port number is not enough: the address counts too
@@ -326,7 +330,7 @@ async def test_stranger_on_a_transfer_port_gets_error_5(serve: Serving, start: S
         assert opcode(reply) == wire.ERROR and wire.parse_error(reply)[0] == 5
         assert source == tid
     await peer.silence(0.05)  # the intruders' ACKs moved nothing along
-    assert first[4:] + await lockstep(peer, tid, 1) == FILE
+    assert first[4:] + await lockstep(peer, tid, 1) == content
     await serve.settled(service)
     assert backend.readers[0].finished == 1
 

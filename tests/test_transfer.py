@@ -20,6 +20,7 @@ from twisted.logger import globalLogPublisher
 from tests.support import tftp_client as wire
 from tftp_offload.config import ServerConfig
 from tftp_offload.engine import Outcome
+from tftp_offload.mux import PEER_SOCKET_BLOCKS
 from tftp_offload.options import Limits
 from tftp_offload.readers import BytesReader
 from tftp_offload.server import DUPLICATE_WINDOW, TFTPServer
@@ -44,6 +45,8 @@ class Port:
         self.waiting: List[Tuple[bytes, Address]] = []
         """Datagrams the kernel holds for this socket, unread (for `read_one`, the session's catch-up)."""
         self.stopped = False
+        self.peer: Optional[Address] = None
+        """The client, if the transfer asked for a connected peer socket (a long one)."""
 
     def send(self, datagram: bytes, addr: Address) -> bool:
         self.sent.append((self.clock.seconds(), datagram, addr))
@@ -81,9 +84,10 @@ class Ports:
         self.clock = clock
         self.opened: List[Port] = []
 
-    def open(self, local: str, protocol: Any) -> Port:
+    def open(self, local: str, protocol: Any, peer: Optional[Address] = None) -> Port:
         assert local == LOCAL
         self.opened.append(Port(protocol, self.clock))
+        self.opened[-1].peer = peer
         return self.opened[-1]
 
     def exhausted(self) -> bool:
@@ -321,6 +325,16 @@ def test_a_stranger_gets_error_5_and_the_transfer_goes_on(driver: Driver) -> Non
     assert port.sent[-1][2] == ("192.0.2.8", 2000) and port.errors() == [(5, "Unknown transfer ID")]
     driver.to(port, wire.ack(1))
     assert port.blocks()[-1] == (1000.0, 2)
+
+
+def test_a_long_transfer_asks_for_a_peer_socket_and_a_short_one_does_not(driver: Driver) -> None:
+    """At PEER_SOCKET_BLOCKS blocks (at the negotiated blksize) the port gets a socket connected to the client."""
+    driver.backend.make = lambda: Reader(bytes(PEER_SOCKET_BLOCKS * 512))  # type: ignore[method-assign]
+    driver.rrq()
+    driver.backend.make = lambda: Reader(bytes(PEER_SOCKET_BLOCKS * 512 - 1))  # type: ignore[method-assign]
+    driver.rrq(client=("192.0.2.9", 1070))
+    driver.rrq(options={"blksize": "1024"}, client=("192.0.2.9", 1071))  # fewer, larger blocks
+    assert [port.peer for port in driver.ports.opened] == [CLIENT, None, None]
 
 
 # ----------------------------------------------------------------- duplicates --

@@ -1,7 +1,7 @@
 """Transfer sockets, all read by one reactor reader: the hot path without per-datagram framework cost.
 
 A transfer has a UDP socket of its own (a fresh port, bound to the address
-the request was sent to, never connected: a stranger's datagram must reach
+the request was sent to, not connected: a stranger's datagram must reach
 the transfer to get ERROR 5). Handing each one to the reactor as a
 `udp.Port` costs a framework dispatch per datagram and copies Twisted's
 internals; instead every transfer socket is registered with one `epoll`
@@ -10,6 +10,13 @@ watches (`IReadDescriptor`, public API, the same on the default and the
 asyncio reactor). When it turns readable, `doRead` takes one datagram from
 each ready socket and hands it to its transfer, and polls again until
 nothing is ready (bounded, so the listener and timers get their turn).
+
+A long transfer (`open(..., peer=client)`) gets a second socket on the same
+port, connected to its client: the kernel hands the client's datagrams to
+that one (a connected socket matches them better) and everyone else's to the
+first, which still answers strangers with ERROR 5. Connected, a datagram
+needs no address either way and the kernel no route lookup per send: in a
+boot storm's lock-step transfers, a sixth of the server's CPU.
 
 With `port_range`, every transfer port comes from that range (firewalls that
 open only those); `open()` raises `PortsExhausted` when none is free.
@@ -28,6 +35,7 @@ from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .logs import address
 from .udp import Address, bind_address, is_ipv6
 
 log = Logger(namespace="tftp_offload")
@@ -35,6 +43,10 @@ log = Logger(namespace="tftp_offload")
 MAX_DATAGRAM = 65536
 PASSES = 32
 """Polls of the epoll object per reactor turn at most; then the listener and timers get a turn."""
+
+PEER_SOCKET_BLOCKS = 32
+"""A transfer of at least this many blocks (or of unknown length) gets a peer socket: setting it up
+(a socket, two options, bind, connect, a few microseconds) is repaid at about half a microsecond a block."""
 
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # Linux >= 4.18; Python 3.11 lacks the constant
 GSO_MAX_BYTES = 65000
@@ -57,18 +69,32 @@ class TransferSocket:
     """One transfer's socket: `send()`, `send_all()`, `last_arrival()`, `stopListening()`.
 
     Its protocol is anything with `datagramReceived(data, addr)` (a `transfer.Transfer`).
+    `peer_socket`, for a long transfer, is the second socket on the port, connected to
+    `peer` (the client): `send_all()` (always to the client) goes out through it, and
+    what it receives is the client's.
     """
 
-    __slots__ = ("socket", "protocol", "port", "_fd", "_mux", "_v6", "_gso")
+    __slots__ = ("socket", "protocol", "peer_socket", "peer", "_port", "_fd", "_peer_fd", "_mux", "_v6", "_gso")
 
-    def __init__(self, mux: "TransferSockets", skt: socket.socket, protocol: Any) -> None:
+    def __init__(self, mux: "TransferSockets", skt: socket.socket, protocol: Any, port: int = 0) -> None:
         self.socket: Optional[socket.socket] = skt
         self.protocol = protocol
-        self.port: int = skt.getsockname()[1]
+        self.peer_socket: Optional[socket.socket] = None
+        self.peer: Optional[Address] = None
+        self._port = port
+        """The bound port, once known: from --port-range at once, else asked of the kernel when wanted."""
         self._fd = skt.fileno()
+        self._peer_fd = -1
         self._mux = mux
         self._v6 = skt.family == socket.AF_INET6
         self._gso = mux.gso
+
+    @property
+    def port(self) -> int:
+        """The transfer's port (a system call the first time without --port-range: nothing per request asks)."""
+        if not self._port and self.socket is not None:
+            self._port = self.socket.getsockname()[1]
+        return self._port
 
     def send(self, datagram: bytes, addr: Address) -> bool:
         """Send; False when the kernel dropped it (a full buffer is loss, which the engine repairs)."""
@@ -83,23 +109,35 @@ class TransferSocket:
 
         The unsent ones are loss, repaired by the engine's retransmission like any other.
         """
-        skt = self.socket
+        skt = self.peer_socket
         if skt is None:
-            return 0
-        count = len(datagrams)
-        if count > 2 and self._gso:
-            return self._send_segmented(skt, datagrams, addr)
-        sendto = skt.sendto
+            skt = self.socket
+            if skt is None:
+                return 0
+            if len(datagrams) > 2 and self._gso:
+                return self._send_segmented(skt, datagrams, addr)
+            sendto = skt.sendto
+            sent = 0
+            try:
+                for datagram in datagrams:
+                    sendto(datagram, addr)
+                    sent += 1
+            except OSError:
+                pass
+            return sent
+        if len(datagrams) > 2 and self._gso:
+            return self._send_segmented(skt, datagrams, None)
+        send = skt.send  # connected to the client (who `addr` is): no address to pass, no route to look up
         sent = 0
         try:
             for datagram in datagrams:
-                sendto(datagram, addr)
+                send(datagram)
                 sent += 1
         except OSError:
             pass
         return sent
 
-    def _send_segmented(self, skt: socket.socket, datagrams: Sequence[bytes], addr: Address) -> int:
+    def _send_segmented(self, skt: socket.socket, datagrams: Sequence[bytes], addr: Optional[Address]) -> int:
         """A window of equal-size datagrams (the last may be shorter) in one system call per 64 KB.
 
         UDP generic segmentation offload (UDP_SEGMENT): the kernel, or the NIC,
@@ -118,7 +156,11 @@ class TransferSocket:
             if len(group) == 1:
                 break
             try:
-                skt.sendmsg([b"".join(group)], [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))], 0, addr)
+                control = [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
+                if addr is None:  # the connected peer socket
+                    skt.sendmsg([b"".join(group)], control)
+                else:
+                    skt.sendmsg([b"".join(group)], control, 0, addr)
             except OSError as e:
                 if e.errno not in _GSO_REFUSED:
                     return sent  # a full buffer: the rest would fail too
@@ -127,21 +169,26 @@ class TransferSocket:
                          error=e.strerror)
                 break
             sent += len(group)
-        sendto = skt.sendto
         try:
-            for datagram in datagrams[sent:]:
-                sendto(datagram, addr)
-                sent += 1
+            if addr is None:
+                for datagram in datagrams[sent:]:
+                    skt.send(datagram)
+                    sent += 1
+            else:
+                for datagram in datagrams[sent:]:
+                    skt.sendto(datagram, addr)
+                    sent += 1
         except OSError:
             pass
         return sent
 
     def last_arrival(self) -> Optional[float]:
-        """When the last datagram read from this socket arrived (kernel time, time.time() scale)."""
+        """When the client's last datagram read here arrived (kernel time, time.time() scale)."""
         if self.socket is None:
             return None
         try:
-            seconds, microseconds = _TIMEVAL.unpack(fcntl.ioctl(self._fd, SIOCGSTAMP, _TIMEVAL_BYTES))
+            fd = self._peer_fd if self._peer_fd >= 0 else self._fd
+            seconds, microseconds = _TIMEVAL.unpack(fcntl.ioctl(fd, SIOCGSTAMP, _TIMEVAL_BYTES))
         except OSError:
             return None
         return seconds + microseconds * 1e-6
@@ -152,7 +199,23 @@ class TransferSocket:
             self._mux._release(self)
 
     def read_one(self) -> bool:
-        """Hand the protocol one datagram waiting at this socket, now; False if none was waiting."""
+        """Hand the protocol one datagram waiting here, now (the client's first); False if none was waiting."""
+        return (self._peer_fd >= 0 and self.read_peer()) or self.read_stranger()
+
+    def read_peer(self) -> bool:
+        """One datagram from the connected peer socket: the client's, by the kernel's word."""
+        try:
+            data = self.peer_socket.recv(MAX_DATAGRAM)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            return False  # EAGAIN, or an ICMP error for an earlier send (the client's port closed)
+        try:
+            self.protocol.datagramReceived(data, self.peer)
+        except Exception:
+            log.failure("Unhandled error in a transfer with {client}", client=self.peer)
+        return True
+
+    def read_stranger(self) -> bool:
+        """One datagram from the unconnected socket: the client's, or (with a peer socket) a stranger's."""
         try:
             data, addr = self.socket.recvfrom(MAX_DATAGRAM)  # type: ignore[union-attr]
         except (OSError, AttributeError):
@@ -182,6 +245,8 @@ class TransferSockets:
         self.port_range = port_range
         self._epoll: Optional[select.epoll] = None
         self._sockets: Dict[int, TransferSocket] = {}
+        self._peers: Dict[int, TransferSocket] = {}
+        """Peer sockets' descriptors, to their transfers."""
         self._in_read = False
         self._used: Set[int] = set()
         self._cursor = port_range[0] if port_range else 0
@@ -190,12 +255,17 @@ class TransferSockets:
 
     # -- transfers --------------------------------------------------------------------------
 
-    def open(self, local: str, protocol: Any) -> TransferSocket:
-        """A socket bound to (local, a free port), read for `protocol` from now on."""
+    def open(self, local: str, protocol: Any, peer: Optional[Address] = None) -> TransferSocket:
+        """A socket bound to (local, a free port), read for `protocol` from now on.
+
+        With `peer` (the client, for a long transfer), a second socket on the same port
+        connected to it (`TransferSocket.peer_socket`); where the kernel refuses that, the
+        one socket serves alone, as for a short transfer.
+        """
         family = socket.AF_INET6 if is_ipv6(local) else socket.AF_INET
         skt = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)  # non-blocking: no second syscall
         try:
-            self._bind(skt, local)
+            port = self._bind(skt, local)
             fd = skt.fileno()
             try:  # noqa: SIM105  (not contextlib.suppress: per request, its enter/exit cost 3% of one)
                 # The first SIOCGSTAMP makes the kernel keep each datagram's arrival time.
@@ -210,16 +280,47 @@ class TransferSockets:
         except BaseException:
             skt.close()
             raise
-        transfer = TransferSocket(self, skt, protocol)
-        self._sockets[transfer._fd] = transfer
-        if self.port_range:
-            self._used.add(transfer.port)
+        transfer = TransferSocket(self, skt, protocol, port)
+        self._sockets[fd] = transfer
+        if port:
+            self._used.add(port)
+        if peer is not None:
+            self._connect_peer(transfer, skt, local, peer)
         return transfer
 
-    def _bind(self, skt: socket.socket, local: str) -> None:
+    def _connect_peer(self, transfer: TransferSocket, skt: socket.socket, local: str, peer: Address) -> None:
+        """Give `transfer` its peer socket: the same (local, port), connected to `peer`.
+
+        SO_REUSEPORT lets the two share the port. The first socket gets it only after its
+        bind: had it been set before, the kernel's choice of a free port for another
+        transfer (also bound to port 0 with it set) could fall on this one, shared between
+        sockets of one user. So nothing else joins the port, which holds exactly these two.
+        """
+        twin = socket.socket(skt.family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+        try:
+            skt.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            twin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            twin.bind(bind_address(local, transfer.port))
+            twin.connect(bind_address(*peer))
+            fd = twin.fileno()
+            try:  # noqa: SIM105  (as in open())
+                fcntl.ioctl(fd, SIOCGSTAMP, _TIMEVAL_BYTES)
+            except OSError:
+                pass
+            self._epoll.register(fd, _EPOLLIN)  # type: ignore[union-attr]
+        except OSError as e:
+            twin.close()
+            log.debug("No connected socket for a transfer to {client}: {error}", client=address(*peer),
+                      error=str(e))
+            return
+        transfer.peer_socket, transfer.peer, transfer._peer_fd = twin, peer, fd
+        self._peers[fd] = transfer
+
+    def _bind(self, skt: socket.socket, local: str) -> int:
+        """Bind to a free port of `port_range` and return it, or to any port (returns 0: the kernel's choice)."""
         if self.port_range is None:
             skt.bind(bind_address(local, 0))  # a link-local address keeps its scope
-            return
+            return 0
         low, high = self.port_range
         size = high - low + 1
         if len(self._used) >= size:
@@ -231,7 +332,7 @@ class TransferSockets:
                 continue
             try:
                 skt.bind(bind_address(local, port))
-                return
+                return port
             except OSError as e:
                 if e.errno != errno.EADDRINUSE:  # in use by another process: try the next one
                     raise
@@ -252,13 +353,13 @@ class TransferSockets:
         if skt is None:
             return
         self._sockets.pop(transfer._fd, None)
-        self._used.discard(transfer.port)
-        if self._epoll is not None:
-            try:  # noqa: SIM105  (per transfer, as above)
-                self._epoll.unregister(transfer._fd)
-            except (OSError, ValueError):
-                pass
-        skt.close()
+        self._used.discard(transfer._port)
+        skt.close()  # which takes it out of the epoll set too (it is never duplicated): no epoll_ctl
+        twin, transfer.peer_socket = transfer.peer_socket, None
+        if twin is not None:
+            self._peers.pop(transfer._peer_fd, None)
+            transfer._peer_fd = -1
+            twin.close()
         if not self._sockets and not self._in_read:
             self._idle()
 
@@ -285,7 +386,7 @@ class TransferSockets:
         return "tftp-transfers"
 
     def doRead(self) -> None:
-        sockets = self._sockets
+        sockets, peers = self._sockets, self._peers
         self._in_read = True
         try:
             for _ in range(PASSES):
@@ -298,9 +399,13 @@ class TransferSockets:
                 if not ready:
                     break
                 for fd, _events in ready:
+                    transfer = peers.get(fd)
+                    if transfer is not None:
+                        transfer.read_peer()
+                        continue
                     transfer = sockets.get(fd)
                     if transfer is not None:
-                        transfer.read_one()
+                        transfer.read_stranger()
         finally:
             self._in_read = False
         if not sockets:

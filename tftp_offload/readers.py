@@ -129,7 +129,9 @@ class FileReader:
         if self._fd is None:
             raise ValueError("read from a finished reader")
         data = self._read(self._fd, size)
-        while 0 < len(data) < size:  # a short read is only the end once a read says 0
+        # A short read is only the end once a read says 0, or (a regular file) at the size
+        # fstat gave, which is what tsize told the client: no second system call to confirm it.
+        while 0 < len(data) < size and (self.size is None or self._offset < self.size):
             more = self._read(self._fd, size - len(data))
             if not more:
                 break

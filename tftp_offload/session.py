@@ -22,7 +22,7 @@ from .context import RequestContext
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
 from .lookup import BoundedLookup, LookupTimeout, finish_reader
-from .mux import ListenerTransfer, PortsExhausted
+from .mux import PEER_SOCKET_BLOCKS, ListenerTransfer, PortsExhausted
 from .options import negotiate
 from .packets import ErrorCode, Request
 from .readers import NetasciiReader
@@ -83,13 +83,16 @@ class Session:
     # -- phase 1: ask the backend -------------------------------------------------------------
 
     def lookup(self) -> None:
-        """Ask the backend for a reader, in the request's `twisted.python.context`, within the lookup timeout."""
+        """Ask the backend for a reader, in the request's `twisted.python.context` (unless the backend
+        reads none, `IBackend.reads_context`), within the lookup timeout."""
         server, request = self.server, self.request
         self.local_port = self.listener.getHost().port  # once: the listener may be closed when we log the end
-        context = RequestContext((self.local, self.local_port), self.client, request.mode, request.options)
+        backend = server.backend
+        context = RequestContext((self.local, self.local_port), self.client, request.mode, request.options) \
+            if getattr(backend, "reads_context", True) else None
         lookup = self._lookup = BoundedLookup(server.reactor, server.lookup_timeout, self._got_reader,
                                               self._lookup_failed)
-        lookup.call(server.backend.get_reader, request.filename, ctx=context)
+        lookup.call(backend.get_reader, request.filename, ctx=context)
 
     def _lookup_failed(self, failure: Failure) -> None:
         """The backend refused, failed or did not answer in time: ERROR to the client, and the end."""
@@ -149,7 +152,8 @@ class Session:
         if server.single_port:
             transfer.port = ListenerTransfer(self.listener, self.wire_client, self.local)
         else:
-            transfer.port = server.transfers.open(self.local, transfer)
+            long = size is None or size >= PEER_SOCKET_BLOCKS * negotiated.blksize
+            transfer.port = server.transfers.open(self.local, transfer, self.client if long else None)
         return transfer
 
     def _reply_error(self, code: int, message: str) -> None:

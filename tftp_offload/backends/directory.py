@@ -58,6 +58,11 @@ class DirectoryBackend:
         self.map_file = os.path.abspath(map_file) if map_file else None  # reread (SIGHUP) wherever we run
         self.rules: Optional[RuleSet] = RuleSet.load(self.map_file) if self.map_file else None
 
+    @property
+    def reads_context(self) -> bool:
+        """Only rewrite rules and per-client roots need the client's address (`IBackend.reads_context`)."""
+        return self.rules is not None or self.per_client is not None
+
     def reload(self) -> bool:
         """Read `map_file` again (on SIGHUP); a file that fails keeps the rules in force, with one line why."""
         if self.map_file is None:
@@ -147,7 +152,7 @@ class DirectoryBackend:
         return path or "/", False, info
 
     def get_reader(self, file_name: bytes) -> FileReader:
-        if self.rules is None and self.per_client is None:
+        if not self.reads_context:
             path, missing, info = self._resolve(file_name)  # the request's context changes nothing: not read
         else:
             remote = context.get("remote")
