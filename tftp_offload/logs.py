@@ -108,11 +108,12 @@ def transfer_end(logger: Logger, fields: Dict[str, Any]) -> None:
     arguments twice and checks the level against every `LogLevel` constant, which with a
     transfer's 18 fields cost five times what the event itself costs (boot storms log one
     per small file). Only for this one event; everything else uses the Logger as usual.
+    `fields` becomes the event: the caller's own dict, handed over (not copied, 30 keys a request).
     """
-    event = dict(fields, log_text=end_text(fields), event="transfer-end", log_logger=logger,
-                 log_level=LogLevel.info, log_namespace=logger.namespace, log_source=logger.source,
-                 log_format="{log_text}", log_time=time.time())
-    logger.observer(event)
+    fields.update(log_text=end_text(fields), event="transfer-end", log_logger=logger, log_level=LogLevel.info,
+                  log_namespace=logger.namespace, log_source=logger.source, log_format="{log_text}",
+                  log_time=time.time())
+    logger.observer(fields)
 
 
 # ---------------------------------------------------------------- --log-format json --
