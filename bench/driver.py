@@ -35,6 +35,7 @@ from tftp_offload.server import TFTPServer
 RRQ = b"\0\1config\0octet\0blksize\x001468\0tsize\x000\0"
 ACK0, ACK1 = b"\0\4\0\0", b"\0\4\0\1"
 KERNEL_RRQ = b"\0\1kernel\0octet\0blksize\x001468\0"
+MISSING_RRQ = b"\0\1pxelinux.cfg/01-52-54-00-12-34-56\0octet\0blksize\x001468\0tsize\x000\0"
 KERNEL_SIZE = 8 << 20
 LOCAL = "127.0.0.1"
 
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=20000, help="requests per round (3 rounds, the best is shown)")
     ap.add_argument("--quiet", action="store_true", help="as --quiet: no line for a complete transfer")
     ap.add_argument("--profile", action="store_true", help="then one more round under cProfile, by own time")
+    ap.add_argument("--missing", action="store_true",
+                    help="requests for a file that does not exist instead (ERROR 1 from the listener)")
     ap.add_argument("--ack", action="store_true",
                     help="the hot path instead: ACK in, next DATA out, lock-step through an 8 MiB file (us per ACK)")
     args = ap.parse_args()
@@ -142,8 +145,18 @@ def main() -> None:
                 raise SystemExit("a transfer did not complete: the benchmark no longer matches the driver")
             clock.advance(0.0001)
 
+    def run_missing() -> None:
+        for i in range(args.n):
+            client = (LOCAL, 1024 + i % 60000)
+            server.request_received(listener, MISSING_RRQ, client, LOCAL, time.time())  # type: ignore[arg-type]
+            if client in server.sessions:
+                raise SystemExit("a request was not refused: the benchmark no longer matches the driver")
+            clock.advance(0.0001)
+
     if args.ack:
         run, per, unit = run_acks, (args.n // 2000 + 1) * (len(acks) + 1), "ACK (lock-step, 8 MiB)"
+    elif args.missing:
+        run, per, unit = run_missing, args.n, "request for a missing file"
     else:
         per, unit = args.n, "request"
     run()  # warm-up: caches, and the remembered transfers at their steady size

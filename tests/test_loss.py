@@ -283,7 +283,10 @@ def test_transfers_survive_real_loss(lossy: Tuple[lossy_path.LossyPath, int], fi
     for options, result in zip(terms, results):
         assert result["complete"], (options, result)
         assert result["bytes"] == MiB and result["sha256"] == digest(files, "1m.bin"), (options, result)
-    assert dropped >= 10 * loss  # the loss did bite: some 3,000 datagrams went each way
+    # The loss did bite. Some 3,000 datagrams go each way, but a window sent with UDP_SEGMENT
+    # crosses the veth as one packet (dropped whole, as the rule sees it), so the rule meets
+    # about 1,600: some 16 drops expected at 1%, and fewer than 3 has odds of 1 in 60,000.
+    assert dropped >= 3 * loss
     print(f"loss {loss}%: {dropped} datagrams dropped; seconds "
           + ", ".join(f"{t['blksize']}/{t.get('windowsize', '1')}: {r['seconds']:.2f}" for t, r in zip(terms, results)))
 

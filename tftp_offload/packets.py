@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import lru_cache
 from typing import Dict, Union
 
 
@@ -113,9 +114,17 @@ def _decode_options(fields: list[bytes], what: str) -> Dict[str, str]:
     if len(fields) % 2:
         raise MalformedPacket(f"{what} has an option without a value")
     options: Dict[str, str] = {}
-    for i in range(0, len(fields), 2):
-        name = _ascii(fields[i], "an option name").lower()
-        value = _ascii(fields[i + 1], f"the value of option {name!r}")
+    if not fields:
+        return options
+    try:
+        texts = b"\0".join(fields).decode("ascii").split("\0")  # one decode for all: every request has some
+    except UnicodeDecodeError:
+        texts = []
+        for i, raw in enumerate(fields):  # which one, for the message
+            texts.append(_ascii(raw, f"the value of option {texts[-1].lower()!r}" if i % 2 else "an option name"))
+    for i in range(0, len(texts), 2):
+        name = texts[i].lower()
+        value = texts[i + 1]
         if not name:
             raise MalformedPacket(f"{what} has an empty option name")
         if name in options:
@@ -133,7 +142,7 @@ def decode(datagram: bytes) -> Packet:
     if len(datagram) < 2:
         raise MalformedPacket("datagram shorter than an opcode")
     (op,) = _OPCODE.unpack_from(datagram)
-    if op in (Opcode.RRQ, Opcode.WRQ):
+    if op == 1 or op == 2:  # RRQ, WRQ: compared as ints, the common case first
         fields = _split_strings(datagram[2:], "request")
         if len(fields) < 2:
             raise MalformedPacket("request lacks a filename or mode")
@@ -143,7 +152,7 @@ def decode(datagram: bytes) -> Packet:
         mode = _ascii(fields[1], "mode").lower()
         if mode not in MODES:
             raise MalformedPacket(f"unknown transfer mode {mode!r}")
-        return Request(Opcode(op), filename, mode, _decode_options(fields[2:], "request"))
+        return Request(Opcode.RRQ if op == 1 else Opcode.WRQ, filename, mode, _decode_options(fields[2:], "request"))
     if op == Opcode.DATA:
         if len(datagram) < 4:
             raise MalformedPacket("DATA packet shorter than its header")
@@ -197,6 +206,7 @@ MAX_ERROR_MESSAGE = 400
 """Bytes of message sent at most: an ERROR must fit the smallest datagram a ROM takes (512)."""
 
 
+@lru_cache(maxsize=256)  # a handful of (code, message) pairs answer nearly every refusal: encoded once each
 def encode_error(code: int, message: str) -> bytes:
     cut = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE].decode("utf-8", "ignore")
     text = cut.encode("utf-8").replace(b"\0", b" ")

@@ -98,7 +98,7 @@ class Session:
         """The backend refused, failed or did not answer in time: ERROR to the client, and the end."""
         self._lookup = None
         code: int
-        if failure.check(LookupTimeout):
+        if isinstance(failure.value, LookupTimeout):  # not failure.check(): it walks the MRO by name, per refusal
             code, message, expected = ErrorCode.NOT_DEFINED, "Backend did not answer in time", True
         else:
             code, message, expected = error_for(failure.value)
