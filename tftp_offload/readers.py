@@ -192,17 +192,17 @@ class BytesReader:
     kind = "bytes"
 
     def __init__(self, data: bytes) -> None:
-        self._data = memoryview(bytes(data))
+        self._data = bytes(data)  # bytes are not copied (the directory backend's kept files are shared)
         self._offset = 0
         self.size: Optional[int] = len(data)
 
     def read(self, size: int) -> bytes:
         start = self._offset
         self._offset = start + size
-        return bytes(self._data[start : start + size])
+        return self._data[start : start + size]  # a small file's one window is the object itself, no copy
 
     def finish(self) -> None:
-        self._data = memoryview(b"")
+        self._data = b""
 
 
 def to_netascii(data: bytes) -> bytes:

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import re
 import stat
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from twisted.logger import Logger
 from twisted.python import context
@@ -16,8 +16,9 @@ from zope.interface import implementer
 from ..errors import AccessViolation, FileNotFound, Unsupported
 from ..interfaces import IBackend
 from ..neighbours import NeighbourTable
-from ..readers import FileReader, open_checked, open_regular
+from ..readers import BytesReader, FileReader, open_checked, open_regular
 from ..remap import MapFileError, RuleSet
+from .small_files import SmallFiles
 
 log = Logger(namespace="tftp_offload")
 
@@ -57,6 +58,8 @@ class DirectoryBackend:
         self.neighbours = NeighbourTable() if per_client == "mac" else None
         self.map_file = os.path.abspath(map_file) if map_file else None  # reread (SIGHUP) wherever we run
         self.rules: Optional[RuleSet] = RuleSet.load(self.map_file) if self.map_file else None
+        self.small_files = SmallFiles()
+        """Small files' bytes, served while the walk's `lstat` says they are unchanged (`small_files`)."""
 
     @property
     def reads_context(self) -> bool:
@@ -151,7 +154,7 @@ class DirectoryBackend:
                 return os.path.realpath(os.path.join(path, *parts[i + 1:])), False, None
         return path or "/", False, info
 
-    def get_reader(self, file_name: bytes) -> FileReader:
+    def get_reader(self, file_name: bytes) -> Union[FileReader, BytesReader]:
         if not self.reads_context:
             path, missing, info = self._resolve(file_name)  # the request's context changes nothing: not read
         else:
@@ -167,8 +170,20 @@ class DirectoryBackend:
         if info is None:
             fd, seen = open_regular(path, follow_symlinks=False), False
         else:
+            data = self.small_files.get(path, info)
+            if data is not None:
+                return self._kept(data)  # the walk's lstat is the file these bytes were read from
             fd, opened = open_checked(path, info.st_mode)
             seen = (opened.st_ino, opened.st_dev) == (info.st_ino, info.st_dev)
+            if seen:
+                try:
+                    data = self.small_files.keep(path, opened, fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                if data is not None:
+                    os.close(fd)
+                    return self._kept(data)
         if not seen:
             # Not the file the walk saw (none was seen, or it was replaced since, a directory
             # on the way perhaps swapped for a link out): where is the descriptor really?
@@ -180,6 +195,12 @@ class DirectoryBackend:
                 os.close(fd)
                 raise AccessViolation("Access violation: path leaves the served directory")
         reader = FileReader(fd, opened)
+        reader.kind = "directory"
+        return reader
+
+    @staticmethod
+    def _kept(data: bytes) -> BytesReader:
+        reader = BytesReader(data)
         reader.kind = "directory"
         return reader
 
