@@ -81,7 +81,7 @@ class Port:
 class Ports:
     """The transfer-socket factory, handing out `Port`s."""
 
-    def open(self, local: str, protocol: Any, peer: Any = None) -> Port:
+    def open(self, local: str, protocol: Any, client: Any = None, connect: bool = False) -> Port:
         return Port(protocol)
 
     def exhausted(self) -> bool:

@@ -74,7 +74,7 @@ class RecordingSockets:
     def __init__(self, clock: Any) -> None:
         self.clock = clock
 
-    def open(self, local: str, protocol: Any, peer: Any = None) -> RecordingPort:
+    def open(self, local: str, protocol: Any, client: Any = None, connect: bool = False) -> RecordingPort:
         return RecordingPort(protocol, self.clock)
 
     def exhausted(self) -> bool:

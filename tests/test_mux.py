@@ -19,6 +19,7 @@ import pytest_twisted
 
 from tests.support.harness import free_udp_span
 from tests.support.inprocess import get_reactor, until
+from tftp_offload import mux as mux_module
 from tftp_offload.mux import PortsExhausted, TransferSockets
 
 
@@ -79,14 +80,23 @@ async def test_datagrams_reach_their_own_protocol_through_one_reader() -> None:
     assert open_fds() == before  # every socket and the epoll descriptor
 
 
+@pytest.fixture
+def short_linger(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Spare sockets outlive the last transfer by a tenth of a second here (SPARE_LINGER)."""
+    monkeypatch.setattr(mux_module, "SPARE_LINGER", 0.1)
+    return 0.1
+
+
 @pytest_twisted.ensureDeferred
-async def test_last_socket_closed_releases_the_reader_and_a_new_one_brings_it_back() -> None:
+async def test_last_socket_closed_releases_the_reader_and_a_new_one_brings_it_back(short_linger: float) -> None:
     mux = TransferSockets(get_reactor())
     before = open_fds()
     first = mux.open("127.0.0.1", Recorder())
     first.stopListening()
     first.stopListening()  # idempotent
-    assert mux not in readers() and open_fds() == before
+    assert len(mux) == 0 and len(mux.spares) == 1  # a spare for a while: the next transfer may come at once
+    await until(lambda: mux not in readers() and open_fds() == before, 2.0, "the spare and the reader to go")
+    assert len(mux.spares) == 0
     assert not first.send(b"x", ("127.0.0.1", 9))  # a stopped socket drops, never raises
     protocol = Recorder()
     second = mux.open("127.0.0.1", protocol)
@@ -101,7 +111,54 @@ async def test_last_socket_closed_releases_the_reader_and_a_new_one_brings_it_ba
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_session_that_stops_its_socket_while_being_read() -> None:
+async def test_a_short_transfers_socket_serves_the_next_client(short_linger: float) -> None:
+    """Same port, nothing of the last transfer's left on it, and never to the client it served last."""
+    mux = TransferSockets(get_reactor())
+    before = open_fds()
+    one, two = client(), client()
+    first = mux.open("127.0.0.1", Recorder(), one.getsockname())
+    port = first.port
+    keep = mux.open("127.0.0.1", Recorder())  # a transfer still running: the spare is kept, not lingering
+    first.stopListening()
+    one.sendto(b"late duplicate", ("127.0.0.1", port))  # reaches the spare: read and dropped
+    await until(lambda: mux in readers(), what="the reader")
+    assert mux.open("127.0.0.1", Recorder(), one.getsockname()).port != port  # not back to its last client
+    protocol = Recorder()
+    second = mux.open("127.0.0.1", protocol, two.getsockname())
+    assert second.port == port and len(mux.spares) == 0
+    two.sendto(b"mine", ("127.0.0.1", port))
+    await until(lambda: protocol.got, what="the new client's datagram")
+    assert [d for d, _ in protocol.got] == [b"mine"]  # the old one's did not reach the new transfer
+    one.close(), two.close()
+    keep.stopListening()
+    mux.close()
+    assert mux not in readers() and open_fds() == before
+
+
+def test_no_spares_with_a_port_range_or_a_peer_socket(short_linger: float) -> None:
+    low = free_udp_span(2)
+    mux = TransferSockets(get_reactor(), (low, low + 1))
+    try:
+        a, _b = mux.open("127.0.0.1", Recorder()), mux.open("127.0.0.1", Recorder())
+        a.stopListening()
+        assert len(mux.spares) == 0  # a range's ports are counted out: a closed one is free again
+    finally:
+        mux.close()
+    mux = TransferSockets(get_reactor())
+    peer = client()
+    try:
+        keep = mux.open("127.0.0.1", Recorder())
+        long = mux.open("127.0.0.1", Recorder(), peer.getsockname(), connect=True)
+        assert long.peer_socket is not None
+        long.stopListening()
+        assert len(mux.spares) == 0 and keep.socket is not None
+    finally:
+        peer.close()
+        mux.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_session_that_stops_its_socket_while_being_read(short_linger: float) -> None:
     """The common case: the final ACK ends the session inside doRead."""
     mux = TransferSockets(get_reactor())
     before = open_fds()
@@ -121,7 +178,8 @@ async def test_a_session_that_stops_its_socket_while_being_read() -> None:
         peer.sendto(b"last", ("127.0.0.1", e.transfer.port))
     await until(lambda: all(e.got for e in enders), what="every final datagram")
     peer.close()
-    assert len(mux) == 0 and mux not in readers() and open_fds() == before
+    assert len(mux) == 0
+    await until(lambda: mux not in readers() and open_fds() == before, 2.0, "the spares and the reader to go")
 
 
 @pytest_twisted.ensureDeferred
@@ -255,7 +313,7 @@ async def test_a_peer_socket_takes_the_clients_datagrams_and_strangers_still_rea
     mux = TransferSockets(get_reactor())
     protocol = Recorder()
     address = peer.getsockname()[:2]
-    transfer = mux.open(host, protocol, peer=address)
+    transfer = mux.open(host, protocol, address, connect=True)
     try:
         assert transfer.peer_socket is not None and transfer.peer == address
         assert transfer.peer_socket.getsockname()[1] == transfer.port
@@ -272,7 +330,7 @@ async def test_a_peer_socket_takes_the_clients_datagrams_and_strangers_still_rea
         data, source = stranger.recvfrom(100)
         assert (data, source[1]) == (b"error 5", transfer.port)
         # A second long transfer gets a port of its own: nothing else joins a shared one.
-        other = mux.open(host, Recorder(), peer=stranger.getsockname()[:2])
+        other = mux.open(host, Recorder(), stranger.getsockname()[:2], connect=True)
         assert other.port != transfer.port
     finally:
         peer.close()
@@ -289,7 +347,7 @@ def test_a_peer_socket_the_kernel_refuses_leaves_the_transfer_its_one_socket(mon
     mux = TransferSockets(get_reactor())
     peer = client()
     try:
-        transfer = mux.open("127.0.0.1", Recorder(), peer=peer.getsockname())
+        transfer = mux.open("127.0.0.1", Recorder(), peer.getsockname(), connect=True)
         assert transfer.peer_socket is None
         assert transfer.send_all([b"a", b"b"], peer.getsockname()) == 2
         assert [peer.recvfrom(10)[0] for _ in range(2)] == [b"a", b"b"]

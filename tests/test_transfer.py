@@ -84,10 +84,10 @@ class Ports:
         self.clock = clock
         self.opened: List[Port] = []
 
-    def open(self, local: str, protocol: Any, peer: Optional[Address] = None) -> Port:
-        assert local == LOCAL
+    def open(self, local: str, protocol: Any, client: Optional[Address] = None, connect: bool = False) -> Port:
+        assert local == LOCAL and client == protocol.client
         self.opened.append(Port(protocol, self.clock))
-        self.opened[-1].peer = peer
+        self.opened[-1].peer = client if connect else None
         return self.opened[-1]
 
     def exhausted(self) -> bool:

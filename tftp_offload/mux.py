@@ -18,6 +18,9 @@ first, which still answers strangers with ERROR 5. Connected, a datagram
 needs no address either way and the kernel no route lookup per send: in a
 boot storm's lock-step transfers, a sixth of the server's CPU.
 
+A short transfer's socket, once it ends, is kept as a spare for the next one
+(`spares`): no socket, bind, ioctl, epoll_ctl or close per small file.
+
 With `port_range`, every transfer port comes from that range (firewalls that
 open only those); `open()` raises `PortsExhausted` when none is free.
 """
@@ -36,6 +39,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .logs import address
+from .spares import SpareSockets
 from .udp import Address, bind_address, is_ipv6
 
 log = Logger(namespace="tftp_offload")
@@ -43,6 +47,9 @@ log = Logger(namespace="tftp_offload")
 MAX_DATAGRAM = 65536
 PASSES = 32
 """Polls of the epoll object per reactor turn at most; then the listener and timers get a turn."""
+
+SPARE_LINGER = 1.0
+"""Seconds spare sockets outlive the last transfer: then an idle server holds no descriptor."""
 
 PEER_SOCKET_BLOCKS = 32
 """A transfer of at least this many blocks (or of unknown length) gets a peer socket: setting it up
@@ -74,10 +81,16 @@ class TransferSocket:
     what it receives is the client's.
     """
 
-    __slots__ = ("socket", "protocol", "peer_socket", "peer", "_port", "_fd", "_peer_fd", "_mux", "_v6", "_gso")
+    __slots__ = ("socket", "protocol", "peer_socket", "peer", "local", "client", "_port", "_fd", "_peer_fd",
+                 "_mux", "_v6", "_gso")
 
-    def __init__(self, mux: "TransferSockets", skt: socket.socket, protocol: Any, port: int = 0) -> None:
+    def __init__(self, mux: "TransferSockets", skt: socket.socket, protocol: Any, port: int = 0,
+                 local: str = "", client: Optional[Address] = None) -> None:
         self.socket: Optional[socket.socket] = skt
+        self.local = local
+        """The address bound (as `open()` was given it)."""
+        self.client = client
+        """Whom the transfer is with, if `open()` was told (a spare does not go back to it)."""
         self.protocol = protocol
         self.peer_socket: Optional[socket.socket] = None
         self.peer: Optional[Address] = None
@@ -236,8 +249,9 @@ class TransferSocket:
 class TransferSockets:
     """Every transfer socket of one server, and the single reactor reader that reads them.
 
-    The epoll object exists only while a socket is open: an idle server
-    holds no descriptor and no reactor reader, and `close()` releases both.
+    The epoll object exists only while a socket is open (a transfer's, or a
+    spare's, `SPARE_LINGER` seconds at most after the last transfer): an idle
+    server holds no descriptor and no reactor reader, and `close()` releases both.
     """
 
     def __init__(self, reactor: Any, port_range: Optional[Tuple[int, int]] = None, gso: bool = True) -> None:
@@ -248,6 +262,10 @@ class TransferSockets:
         self._peers: Dict[int, TransferSocket] = {}
         """Peer sockets' descriptors, to their transfers."""
         self._in_read = False
+        self.spares = SpareSockets()
+        """Short transfers' sockets between transfers (none with `port_range`)."""
+        self._linger: Any = None
+        """The call that closes the spares, once no transfer is left (`_quiet`)."""
         self._used: Set[int] = set()
         self._cursor = port_range[0] if port_range else 0
         self.gso = gso
@@ -255,13 +273,21 @@ class TransferSockets:
 
     # -- transfers --------------------------------------------------------------------------
 
-    def open(self, local: str, protocol: Any, peer: Optional[Address] = None) -> TransferSocket:
-        """A socket bound to (local, a free port), read for `protocol` from now on.
+    def open(self, local: str, protocol: Any, client: Optional[Address] = None,
+             connect: bool = False) -> TransferSocket:
+        """A socket bound to (local, a free port), read for `protocol` (a transfer with `client`) from now on.
 
-        With `peer` (the client, for a long transfer), a second socket on the same port
-        connected to it (`TransferSocket.peer_socket`); where the kernel refuses that, the
-        one socket serves alone, as for a short transfer.
+        With `connect` (a long transfer), a second socket on the same port connected to
+        `client` (`TransferSocket.peer_socket`); where the kernel refuses that, the one socket
+        serves alone, as for a short transfer. A short one may get a spare (`spares`).
         """
+        peer = client if connect else None
+        spare = self.spares.take(local, client) if peer is None else None
+        if spare is not None:  # bound, armed and in the epoll set already
+            skt, port, _last = spare
+            transfer = TransferSocket(self, skt, protocol, port, local, client)
+            self._sockets[transfer._fd] = transfer
+            return transfer
         family = socket.AF_INET6 if is_ipv6(local) else socket.AF_INET
         skt = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)  # non-blocking: no second syscall
         try:
@@ -280,7 +306,7 @@ class TransferSockets:
         except BaseException:
             skt.close()
             raise
-        transfer = TransferSocket(self, skt, protocol, port)
+        transfer = TransferSocket(self, skt, protocol, port, local, client)
         self._sockets[fd] = transfer
         if port:
             self._used.add(port)
@@ -353,18 +379,43 @@ class TransferSockets:
         if skt is None:
             return
         self._sockets.pop(transfer._fd, None)
+        twin, transfer.peer_socket = transfer.peer_socket, None
+        if twin is None and self.port_range is None and self._epoll is not None \
+                and self.spares.give(transfer.local, skt, transfer._port, transfer.client):
+            if not self._sockets and not self._in_read:
+                self._quiet()
+            return  # a spare now, for the next short transfer
         self._used.discard(transfer._port)
         skt.close()  # which takes it out of the epoll set too (it is never duplicated): no epoll_ctl
-        twin, transfer.peer_socket = transfer.peer_socket, None
         if twin is not None:
             self._peers.pop(transfer._peer_fd, None)
             transfer._peer_fd = -1
             twin.close()
         if not self._sockets and not self._in_read:
+            self._quiet()
+
+    def _quiet(self) -> None:
+        """The last transfer ended: the spares wait `SPARE_LINGER` seconds for the next, then all goes.
+
+        A storm's lock-step clients end a turn's transfers together and ask again after it, so
+        the server is without a transfer between turns many times a second.
+        """
+        if not self.spares:
+            self._idle()
+        elif self._linger is None:
+            self._linger = self.reactor.callLater(SPARE_LINGER, self._linger_over)
+
+    def _linger_over(self) -> None:
+        self._linger = None
+        if not self._sockets:
             self._idle()
 
     def _idle(self) -> None:
-        """No socket left: give back the reader and the epoll descriptor."""
+        """No transfer left: close the spares, give back the reader and the epoll descriptor."""
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
+        self.spares.close()
         epoll = self._epoll
         if epoll is not None:
             self.reactor.removeReader(self)  # while fileno() still names the descriptor
@@ -406,10 +457,12 @@ class TransferSockets:
                     transfer = sockets.get(fd)
                     if transfer is not None:
                         transfer.read_stranger()
+                    else:
+                        self.spares.read(fd)
         finally:
             self._in_read = False
         if not sockets:
-            self._idle()
+            self._quiet()
 
     def connectionLost(self, reason: Any) -> None:
         """The reactor dropped us (it is shutting down, or the descriptor failed): close everything."""
@@ -419,6 +472,7 @@ class TransferSockets:
         epoll, self._epoll = self._epoll, None
         for transfer in list(self._sockets.values()):
             transfer.stopListening()
+        self.spares.close()
         if epoll is not None:
             epoll.close()
 

@@ -153,7 +153,7 @@ class Session:
             transfer.port = ListenerTransfer(self.listener, self.wire_client, self.local)
         else:
             long = size is None or size >= PEER_SOCKET_BLOCKS * negotiated.blksize
-            transfer.port = server.transfers.open(self.local, transfer, self.client if long else None)
+            transfer.port = server.transfers.open(self.local, transfer, self.client, connect=long)
         return transfer
 
     def _reply_error(self, code: int, message: str) -> None:
