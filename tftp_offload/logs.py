@@ -110,10 +110,21 @@ def transfer_end(logger: Logger, fields: Dict[str, Any]) -> None:
     per small file). Only for this one event; everything else uses the Logger as usual.
     `fields` becomes the event: the caller's own dict, handed over (not copied, 30 keys a request).
     """
-    fields.update(log_text=end_text(fields), event="transfer-end", log_logger=logger, log_level=LogLevel.info,
-                  log_namespace=logger.namespace, log_source=logger.source, log_format="{log_text}",
-                  log_time=time.time())
+    keys = _EVENT_KEYS.get(logger)
+    if keys is None:
+        if len(_EVENT_KEYS) >= 64:  # a Logger made per use (a class attribute's, say): keep it bounded
+            _EVENT_KEYS.clear()
+        keys = _EVENT_KEYS[logger] = {"event": "transfer-end", "log_logger": logger, "log_level": LogLevel.info,
+                                      "log_namespace": logger.namespace, "log_source": logger.source,
+                                      "log_format": "{log_text}"}
+    fields.update(keys)
+    fields["log_text"] = end_text(fields)
+    fields["log_time"] = time.time()
     logger.observer(fields)
+
+
+_EVENT_KEYS: Dict[Logger, Dict[str, Any]] = {}
+"""The keys every transfer-end event of a logger has, made once per logger."""
 
 
 # ---------------------------------------------------------------- --log-format json --

@@ -203,7 +203,7 @@ class Session:
         server = self.server
         if self.transfer is None and not server.guard.may_log(server.reactor.seconds()):
             pass  # a refusal before any transfer: its line is within the log budget (a flood is not a log)
-        elif not (server.quiet and str(report["outcome"]) in (logs.COMPLETE, logs.PROBE)):
+        elif not (server.quiet and report["outcome"] in (Outcome.COMPLETE, Outcome.PROBE)):
             fields = self.fields(report)
             logs.transfer_end(log, fields)
         if self.transfer is not None:
@@ -234,6 +234,13 @@ class Session:
         by = "client" if code is not None or message is not None else None
         if by is None and self.error is not None:
             code, message, by = self.error
-        fields.update(outcome=str(report["outcome"]), bytes=report["bytes"], duration=round(report["duration"], 6),
-                      retransmits=report["retransmits"], error_code=code, error_message=message, error_by=by)
+        outcome = report["outcome"]
+        # One store a key, not update(**): a boot storm's small files each log one of these.
+        fields["outcome"] = outcome.value if isinstance(outcome, Outcome) else str(outcome)
+        fields["bytes"] = report["bytes"]
+        fields["duration"] = round(report["duration"], 6)
+        fields["retransmits"] = report["retransmits"]
+        fields["error_code"] = code
+        fields["error_message"] = message
+        fields["error_by"] = by
         return fields
