@@ -121,7 +121,9 @@ async def test_a_short_transfers_socket_serves_the_next_client(short_linger: flo
     keep = mux.open("127.0.0.1", Recorder())  # a transfer still running: the spare is kept, not lingering
     first.stopListening()
     one.sendto(b"late duplicate", ("127.0.0.1", port))  # reaches the spare: read and dropped
-    await until(lambda: mux in readers(), what="the reader")
+    waiting = socket.socket(fileno=os.dup(first._fd))  # the spare's socket, to look at
+    await until(lambda: not select.select([waiting], [], [], 0)[0], what="the spare to be read")
+    waiting.close()
     assert mux.open("127.0.0.1", Recorder(), one.getsockname()).port != port  # not back to its last client
     protocol = Recorder()
     second = mux.open("127.0.0.1", protocol, two.getsockname())

@@ -5,9 +5,13 @@ Making one (`socket`, `bind`, the timestamp `ioctl`, `epoll_ctl`) and closing it
 is five system calls of a small transfer's dozen. A spare is a socket whose
 transfer has ended, still bound to its port and in `TransferSockets`' epoll set:
 the next transfer to the same local address takes it (oldest first, so a port
-rests as long as the pool allows before it is used again) after reading away
-whatever waits on it. What arrives at a spare (a client's late duplicate of its
-final ACK, say) is read and dropped, as a closed port would drop it. A spare is
+rests as long as the pool allows before it is used again). What arrives at a
+spare (a client's late duplicate of its final ACK, say) is read and dropped when
+the epoll set says so, as a closed port would drop it; one that arrives in the
+moment before the next transfer takes the socket reaches that transfer as a
+stranger's, and its sender gets ERROR 5 (an empty read to be sure of nothing
+waiting would cost each small transfer a failed system call and its exception,
+a twentieth of its time). A spare is
 never handed to the client whose transfer it served last: a ROM that asks for
 its next file from the same port would otherwise meet its old transfer's ID
 pair again, where a late datagram of the old transfer passes for the new one's
@@ -45,18 +49,16 @@ class SpareSockets:
         """Every spare's descriptor, to its local address."""
 
     def take(self, local: str, client: Optional[Address]) -> Optional[Spare]:
-        """The oldest spare bound to `local` that did not serve `client` last, with nothing waiting
-        on it; None if there is none."""
+        """The oldest spare bound to `local` that did not serve `client` last; None if there is none."""
         spares = self._by_local.get(local)
         if not spares:
             return None
-        fd = next((fd for fd, spare in spares.items() if client is None or spare[2] != client), None)
-        if fd is None:
-            return None
-        spare = spares.pop(fd)
-        del self._local_of[fd]
-        drain(spare[0], DRAIN_READS)
-        return spare
+        for fd in spares:  # oldest first
+            spare = spares[fd]
+            if client is None or spare[2] != client:
+                del spares[fd], self._local_of[fd]  # and no more iterating
+                return spare
+        return None
 
     def give(self, local: str, skt: socket.socket, port: int, client: Optional[Address]) -> bool:
         """Keep `skt` (bound to `local`, `port`; its transfer was with `client`) for a later transfer;
