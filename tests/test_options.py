@@ -294,3 +294,13 @@ def test_negotiation_invariants(
     if "tsize" in result.oack:
         assert mode == "octet" and result.oack["tsize"] == str(size)
     assert 1 <= result.timeout <= 255 or result.timeout == limits.timeout
+
+
+def test_the_same_question_gets_the_same_answer_once_worked_out() -> None:
+    """A storm's requests ask alike: the answer is remembered, and another question is answered anew."""
+    limits = Limits()
+    first = negotiate({"blksize": "1468", "tsize": "0"}, "octet", 1024, limits, 1500)
+    assert negotiate({"blksize": "1468", "tsize": "0"}, "octet", 1024, limits, 1500) is first
+    other = negotiate({"blksize": "1468", "tsize": "0"}, "octet", 2048, limits, 1500)
+    assert other is not first and other.oack == {"blksize": "1468", "tsize": "2048"}
+    assert negotiate({"blksize": "1468", "tsize": "0"}, "octet", 1024, limits, 1280).blksize == 1280 - IPV4_OVERHEAD

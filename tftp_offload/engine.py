@@ -35,7 +35,8 @@ plain arithmetic.
 from __future__ import annotations
 
 from enum import Enum
-from typing import List, Optional
+from functools import lru_cache
+from typing import List, Optional, Tuple
 
 from .options import Limits, Negotiated
 from .packets import DATA_HEADER, ErrorCode, Opcode, encode_error, encode_oack
@@ -67,6 +68,12 @@ READ_AHEAD_BYTES = 32 << 10
 
 NOTHING: List[bytes] = []
 """Shared empty answer: callers only iterate over it, so one list serves every call."""
+
+
+@lru_cache(maxsize=256)
+def _oack(options: Tuple[Tuple[str, str], ...]) -> bytes:
+    """The OACK datagram for these options: a storm's requests share a handful, encoded once each."""
+    return encode_oack(dict(options))
 
 
 class Outcome(str, Enum):
@@ -146,7 +153,7 @@ class ReadTransfer:
         self.duplicate_acks = 0
         self.client_error: Optional[str] = None
         options = negotiated.oack
-        oack = encode_oack(options) if options else None
+        oack = _oack(tuple(options.items())) if options else None
         # Datagrams of blocks _acked+1 .. _acked+len(_packets): built once, resent as they are.
         # With an OACK to send it stands as block 0, so "ACK 0" acknowledges it like any block.
         self._packets: List[bytes] = [oack] if oack is not None else []

@@ -10,7 +10,8 @@ is kinder to ROMs than refusing the whole transfer with ERROR 8.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from functools import lru_cache
+from typing import Dict, Mapping, Optional, Tuple
 
 from .packets import MAX_NUMBER_DIGITS
 
@@ -118,7 +119,17 @@ def negotiate(
     never in netascii, whose length on the wire is not the file's). netascii
     also forces a window of one block: its conversion is a stream that cannot
     seek back for a go-back-N resend across a window cheaply.
+
+    A boot storm asks the same few questions again and again (the same options, files of the
+    same few sizes): answers are remembered, and the same `Negotiated` is handed out for the
+    same question (its `oack` is never changed by anyone).
     """
+    return _negotiate(tuple(requested.items()), mode, size, limits, path_mtu, ipv6)
+
+
+@lru_cache(maxsize=1024)
+def _negotiate(requested: Tuple[Tuple[str, str], ...], mode: str, size: Optional[int], limits: Limits,
+               path_mtu: Optional[int], ipv6: bool) -> Negotiated:
     blksize = DEFAULT_BLKSIZE
     windowsize = 1
     timeout = limits.timeout
@@ -127,7 +138,7 @@ def negotiate(
     if path_mtu is not None:
         cap = max(MIN_BLKSIZE, min(cap, blksize_for_mtu(path_mtu, ipv6)))
 
-    for name, value in requested.items():
+    for name, value in requested:
         if not (value.isascii() and value.isdigit() and len(value) <= MAX_NUMBER_DIGITS):
             continue  # the codec refuses these; a caller building its own dict may not
         number = int(value)
