@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import pytest
 from hypothesis import given
@@ -96,19 +96,25 @@ def test_file_reader_empty_file(tmp_path: Path) -> None:
     reader.finish()
 
 
+def record_preads(monkeypatch: pytest.MonkeyPatch, cap: Optional[int] = None) -> List[Tuple[int, int]]:
+    """From here on os.pread records (size, offset) of each call, and with `cap` reads that much at most."""
+    real: Callable[[int, int, int], bytes] = os.pread
+    calls: List[Tuple[int, int]] = []
+
+    def pread(fd: int, n: int, offset: int) -> bytes:
+        calls.append((n, offset))
+        return real(fd, n if cap is None else min(n, cap), offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    return calls
+
+
 def test_file_reader_keeps_reading_after_a_short_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A short read() is not the end: only a read returning nothing is."""
     content = os.urandom(3000)
     fd = open_file(tmp_path / "f", content)
-    real_pread: Callable[[int, int, int], bytes] = os.pread
-    calls: List[int] = []
-
-    def stingy_pread(fd: int, n: int, offset: int) -> bytes:
-        calls.append(n)
-        return real_pread(fd, min(n, 100), offset)
-
     reader = FileReader(fd)
-    monkeypatch.setattr(os, "pread", stingy_pread)
+    calls = record_preads(monkeypatch, cap=100)
     chunks = read_all(reader, 1000)
     monkeypatch.undo()
     assert [len(c) for c in chunks] == [1000, 1000, 1000, 0]
@@ -122,18 +128,11 @@ def test_file_reader_ends_a_regular_file_at_its_size_without_a_confirming_read(
     """At the size fstat gave (what tsize told the client) a short read is the end: one pread, not two."""
     content = os.urandom(1024)
     fd = open_file(tmp_path / "f", content)
-    real_pread: Callable[[int, int, int], bytes] = os.pread
-    calls: List[int] = []
-
-    def counted_pread(fd: int, n: int, offset: int) -> bytes:
-        calls.append(offset)
-        return real_pread(fd, n, offset)
-
     reader = FileReader(fd)
-    monkeypatch.setattr(os, "pread", counted_pread)
+    calls = record_preads(monkeypatch)
     assert reader.read(32768) == content
     monkeypatch.undo()
-    assert calls == [0]
+    assert [offset for _, offset in calls] == [0]
     reader.finish()
 
 
