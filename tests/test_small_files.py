@@ -153,8 +153,15 @@ def test_chmod_makes_a_kept_copy_stale(tmp_path: Path) -> None:
 
 
 def test_the_bounds_docs_operations_states() -> None:
-    """docs/operations.md tells operators these figures: 64 KiB a file, 8 MiB in all, 2 s to settle."""
+    """docs/operations.md tells operators these figures: 60 KiB a file, 8 MiB in all, 2 s to settle."""
     text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
-    assert small_files.SMALL_FILE == 64 * 1024 and "Files of 64 KiB or less" in text
+    assert small_files.SMALL_FILE == 60 * 1024 and "Files of 60 KiB or less" in text
     assert small_files.KEPT_BYTES == 8 << 20 and "8 MiB of them at most" in text
     assert small_files.SETTLED == 2.0 and "changed in the last\n2 seconds" in text
+
+
+def test_a_kept_file_is_one_inline_answer_of_the_offload_protocol() -> None:
+    """Through the responder a kept file (bytes, no descriptor) is answered inline: it must fit one."""
+    from tftp_offload.offload.commands import INLINE_MAX
+
+    assert small_files.SMALL_FILE <= INLINE_MAX

@@ -20,8 +20,10 @@ import os
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-SMALL_FILE = 64 * 1024
-"""Bytes: a file this size or smaller may be kept (configs, pxelinux.0); larger ones are read from disk."""
+SMALL_FILE = 60 * 1024
+"""Bytes: a file this size or smaller may be kept (configs, pxelinux.0); larger ones are read from disk.
+No more than one inline answer of the offload protocol (`offload.commands.INLINE_MAX`): the responder
+answers a kept file (bytes, no descriptor) inline, and a larger file keeps its descriptor answer."""
 
 KEPT_BYTES = 8 << 20
 """All kept files together at most; the oldest kept go first."""
