@@ -87,6 +87,9 @@ class Ports:
     def exhausted(self) -> bool:
         return False
 
+    def close(self) -> None:
+        self.closed = True
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -80,6 +80,9 @@ class RecordingSockets:
     def exhausted(self) -> bool:
         return False
 
+    def close(self) -> None:
+        self.closed = True
+
 
 class Listener:
     def reply(self, datagram: bytes, addr: Any, local: str) -> None:

@@ -63,11 +63,11 @@ def test_close_closes_every_spare() -> None:
 
 
 def test_the_bounds_docs_operations_states() -> None:
-    """docs/operations.md: a short transfer's socket is kept, 64 at most, until a second after the last ends."""
+    """docs/operations.md: a short transfer's socket is kept, 64 at most, a quarter second after the last ends."""
     from pathlib import Path
 
     from tftp_offload import mux, spares
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
-    assert spares.SPARE_SOCKETS == 64 and mux.SPARE_LINGER == 1.0
-    assert "64 at most, until a second after the last transfer ends" in text
+    assert spares.SPARE_SOCKETS == 64 and mux.SPARE_LINGER == 0.25
+    assert "64 at most, until a quarter of a second after the last transfer\nends, or the drain on stop" in text

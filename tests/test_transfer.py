@@ -83,6 +83,7 @@ class Ports:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.opened: List[Port] = []
+        self.closed = False
 
     def open(self, local: str, protocol: Any, client: Optional[Address] = None, connect: bool = False) -> Port:
         assert local == LOCAL and client == protocol.client
@@ -92,6 +93,9 @@ class Ports:
 
     def exhausted(self) -> bool:
         return False
+
+    def close(self) -> None:
+        self.closed = True
 
     def sockets(self) -> List[Port]:
         return [port for port in self.opened if not port.stopped]
@@ -408,6 +412,7 @@ def test_drain_ends_when_the_last_transfer_does(driver: Driver) -> None:
         driver.to(port, wire.ack(block))
     assert drained.called and port.errors() == []
     assert driver.ends()[0]["outcome"] == "complete"
+    assert driver.ports.closed  # spare sockets go with the drain, not after their linger
     done(driver)  # the grace timer is cancelled too
 
 

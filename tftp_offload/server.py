@@ -376,6 +376,7 @@ class TFTPServer:
         if self._drained is not None and not self.sessions:
             drained, self._drained = self._drained, None
             self.guard.stop()
+            self.transfers.close()  # the spare sockets too, now rather than after their linger
             drained.callback(None)
 
 

@@ -334,17 +334,19 @@ class Serving:
         self.peers.append(peer)
         return peer
 
-    def open_transfer_ports(self) -> List[Any]:
-        """Transfer sockets still open, and a transfer reader the reactor still watches with none open."""
+    def open_transfer_ports(self, spares: bool = True) -> List[Any]:
+        """Transfer sockets still open, and a transfer reader the reactor still watches with none open
+        (with `spares=False`, not one that watches only spare sockets: they linger, by design)."""
         open_sockets = [s for service in self.services if service.server for s in service.server.transfers.sockets()]
-        idle_readers = [r for r in get_reactor().getReaders() if isinstance(r, TransferSockets) and not len(r)]
+        idle_readers = [r for r in get_reactor().getReaders()
+                        if isinstance(r, TransferSockets) and not len(r) and (spares or not r.spares)]
         return open_sockets + idle_readers
 
     async def settled(self, service: TFTPOffloadService, timeout: float = WAIT) -> None:
         """Wait until `service` has no session and no transfer port open (a final ACK may be in flight)."""
         server = service.server
         assert server is not None
-        await until(lambda: not server.sessions and not self.open_transfer_ports(), timeout,
+        await until(lambda: not server.sessions and not self.open_transfer_ports(spares=False), timeout,
                     "sessions to end and transfer ports to close")
 
     async def close(self) -> None:
