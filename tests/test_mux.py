@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import struct
 import time
 from typing import Any, List, Tuple
 
@@ -247,6 +248,43 @@ def test_a_window_arrives_as_its_datagrams(gso: bool) -> None:
         assert [peer.recvfrom(2000)[0] for _ in window] == window
         assert mux.gso is gso
     finally:
+        peer.close()
+        mux.close()
+
+
+class CallRecorder:
+    """A socket's stand-in that records each send call (name, datagrams in it) and makes it."""
+
+    def __init__(self, skt: socket.socket) -> None:
+        self.skt = skt
+        self.calls: List[Tuple[str, int]] = []
+
+    def sendto(self, data: bytes, addr: Tuple[str, int]) -> int:
+        self.calls.append(("sendto", 1))
+        return self.skt.sendto(data, addr)
+
+    def sendmsg(self, buffers: List[bytes], control: Any, flags: int, addr: Tuple[str, int]) -> int:
+        (size,) = struct.unpack("=H", control[0][2])
+        self.calls.append(("sendmsg", -(-len(buffers[0]) // size)))
+        return self.skt.sendmsg(buffers, control, flags, addr)
+
+
+def test_a_window_goes_first_datagram_alone_then_64_kb_at_a_time() -> None:
+    """The first datagram of a window goes on its own (the client starts on it while the kernel
+    cuts the rest), then one segmentation-offload send per 64 KB."""
+    mux = TransferSockets(get_reactor())
+    transfer = mux.open("127.0.0.1", Recorder())
+    recorder = CallRecorder(transfer.socket)  # type: ignore[arg-type]
+    transfer.socket = recorder  # type: ignore[assignment]
+    peer = client()
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    try:
+        window = [bytes([i]) * 1472 for i in range(60)] + [b"tail"]
+        assert transfer.send_all(window, peer.getsockname()) == len(window)
+        assert recorder.calls == [("sendto", 1), ("sendmsg", 44), ("sendmsg", 16)]
+        assert [peer.recvfrom(2000)[0] for _ in window] == window
+    finally:
+        transfer.socket = recorder.skt
         peer.close()
         mux.close()
 

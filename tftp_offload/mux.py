@@ -152,26 +152,35 @@ class TransferSocket:
         return sent
 
     def _send_segmented(self, skt: socket.socket, datagrams: Sequence[bytes], addr: Optional[Address]) -> int:
-        """A window of equal-size datagrams (the last may be shorter) in one system call per 64 KB.
+        """A window of equal-size datagrams (the last may be shorter): the first alone, the rest in
+        one system call per 64 KB.
 
         UDP generic segmentation offload (UDP_SEGMENT): the kernel, or the NIC,
-        cuts the buffer into datagrams. Where it is refused (no checksum offload,
-        an old kernel) this socket, and the server's next ones, fall back to one
-        send per datagram.
+        cuts the buffer into datagrams. Those reach the client together, at the
+        end of the send, so the first goes ahead on its own: the client wakes and
+        starts on the window while the kernel cuts the rest, instead of the two
+        taking turns (a fifth more at windowsize 16 on loopback, no change at 64).
+        Where it is refused (no checksum offload, an old kernel) this socket, and
+        the server's next ones, fall back to one send per datagram.
         """
-        size = len(datagrams[0])
+        try:
+            if addr is None:  # the connected peer socket
+                skt.send(datagrams[0])
+            else:
+                skt.sendto(datagrams[0], addr)
+        except OSError:
+            return 0
+        size = len(datagrams[1])
         per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
         count = len(datagrams)
-        sent = 0
+        sent = 1
         while sent < count:
             group = datagrams[sent : sent + per]
-            if per < 2 or any(len(d) != size for d in group[:-1]) or len(group[-1]) > size:
-                break  # not a run of equal sizes: the rest one by one
-            if len(group) == 1:
-                break
+            if per < 2 or len(group) == 1 or any(len(d) != size for d in group[:-1]) or len(group[-1]) > size:
+                break  # not a run of equal sizes, or one left: the rest one by one
             try:
                 control = [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
-                if addr is None:  # the connected peer socket
+                if addr is None:
                     skt.sendmsg([b"".join(group)], control)
                 else:
                     skt.sendmsg([b"".join(group)], control, 0, addr)
