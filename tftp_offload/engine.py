@@ -61,6 +61,8 @@ one block, whose duplicate ACK the engine ignores."""
 
 _CLOCK_GRANULARITY = 1e-6
 """No round trip is shorter than this; two events at one instant are not cause and effect."""
+_NEVER = 1 << 62
+"""A block number no transfer reaches."""
 
 READ_AHEAD_BLOCKS = 16
 READ_AHEAD_BYTES = 32 << 10
@@ -140,6 +142,7 @@ class ReadTransfer:
         "_rollover",
         "_started",
         "_ahead",
+        "_refill_at",
     )
 
     def __init__(self, negotiated: Negotiated, limits: Limits, read_ahead: int = READ_AHEAD_BYTES) -> None:
@@ -184,6 +187,9 @@ class ReadTransfer:
         self._progress_at = 0.0
         self._rollover = limits.rollover
         self._started = 0.0
+        self._refill_at = 0
+        """The lowest ACKed block at which `need` may grow again: set by `_update_need`, so an ACK
+        below it (15 of a lock-step transfer's 16) skips the call."""
 
     # -- events -----------------------------------------------------------------------------
 
@@ -336,7 +342,8 @@ class ReadTransfer:
         self.deadline = now + self._rto  # _rto <= give_up: within the give-up time
         self._window_at = now
         out = self._send_new(now)
-        self._update_need()
+        if block >= self._refill_at:
+            self._update_need()
         return out
 
     def _is_gap_report(self, now: float) -> bool:
@@ -398,28 +405,34 @@ class ReadTransfer:
         self.deadline = deadline if deadline < limit else limit
 
     def _send_new(self, now: float) -> List[bytes]:
-        limit = min(self._acked + self.windowsize, self._next - 1)
-        if limit <= self._sent or self._acked < 0:  # nothing new, or the OACK is not yet ACKed
+        acked = self._acked
+        limit = acked + self.windowsize
+        if limit >= self._next:
+            limit = self._next - 1
+        if limit <= self._sent or acked < 0:  # nothing new, or the OACK is not yet ACKed
             return NOTHING
-        start = self._sent - self._acked
+        start = self._sent - acked
         if limit > self._top:
             self._top = limit
             if self._timed < 0:
                 self._timed = limit
                 self._timed_at = now
         self._sent = limit
-        return self._packets[start : limit - self._acked]
+        return self._packets[start : limit - acked]
 
     def _update_need(self) -> None:
         if self.need:
             # A read of `need` bytes may be in flight (a Deferred): what data() takes for
             # end of file is measured against it, so it must not grow under that read.
             return
-        if self._last is None and self._acked >= 0:
+        if self._last is None:
             # Keep the window and `_ahead` more blocks read, refilling only once the read-ahead is
             # used up: a lock-step transfer then reads every 16th block, not every block.
             # Nothing while the OACK is out: a request that is never acknowledged costs no buffer.
-            blocks = self._acked + self.windowsize + self._ahead - self._next + 1
-            self.need = blocks * self.blksize if blocks > 0 and blocks >= self._ahead else 0
+            ahead = self._ahead
+            self._refill_at = self._next - 1 - self.windowsize - ahead + (ahead if ahead > 1 else 1)
+            blocks = self._acked + self.windowsize + ahead - self._next + 1
+            self.need = blocks * self.blksize if self._acked >= self._refill_at and self._acked >= 0 else 0
         else:
+            self._refill_at = _NEVER
             self.need = 0
