@@ -19,12 +19,12 @@ from twisted.logger import globalLogPublisher
 
 from tests.support import tftp_client as wire
 from tftp_offload.config import ServerConfig
+from tftp_offload.deadlines import Deadlines
 from tftp_offload.engine import Outcome
 from tftp_offload.mux import PEER_SOCKET_BLOCKS
 from tftp_offload.options import Limits
 from tftp_offload.readers import BytesReader
 from tftp_offload.server import DUPLICATE_WINDOW, TFTPServer
-from tftp_offload.transfer import Transfer
 
 Address = Tuple[str, int]
 CLIENT: Address = ("192.0.2.7", 2000)
@@ -222,12 +222,13 @@ def done(driver: Driver) -> None:
 
 
 def test_a_synchronous_backend_costs_no_lookup_timer(driver: Driver) -> None:
-    """The directory backend answers at once: the only timer is the transfer's."""
+    """The directory backend answers at once: the only timer is the transfers' one, for this one's deadline."""
     driver.rrq()
     [port] = driver.ports.opened
     assert port.blocks() == [(1000.0, 1)]
     [call] = driver.clock.getDelayedCalls()
-    assert isinstance(call.func.__self__, Transfer)  # type: ignore[attr-defined]
+    assert isinstance(call.func.__self__, Deadlines)  # type: ignore[attr-defined]
+    assert len(driver.server.deadlines) == 1
     assert call.getTime() == 1000.0 + TIMEOUT
 
 
@@ -283,8 +284,9 @@ def test_an_answer_in_time_is_served(driver: Driver) -> None:
     driver.backend.pending[0].callback(driver.backend.make())
     [port] = driver.ports.opened
     assert port.blocks() == [(1000.0 + LOOKUP - 0.5, 1)]
-    [call] = driver.clock.getDelayedCalls()  # the lookup's deadline is gone; the transfer's is set
-    assert isinstance(call.func.__self__, Transfer)  # type: ignore[attr-defined]
+    [call] = driver.clock.getDelayedCalls()  # the lookup's deadline is gone; the transfers' one is set
+    assert isinstance(call.func.__self__, Deadlines)  # type: ignore[attr-defined]
+    assert len(driver.server.deadlines) == 1
 
 
 # ------------------------------------------------------------ the transfer timer --

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from . import logs
 from .config import ServerConfig
+from .deadlines import Deadlines
 from .engine import Outcome
 from .guard import Guard
 from .interfaces import IBackend
@@ -101,6 +102,8 @@ class TFTPServer:
         self.log_starts = config.log_starts
         """Also log a transfer-start event per transfer (on with --log-format json; the text end line says it all)."""
         self.stats = Stats()
+        self.deadlines = Deadlines(reactor)
+        """Every transfer's retransmission deadline, behind one reactor timer."""
         self.transfers = TransferSockets(reactor, config.port_range)
         """The transfer-socket factory: every transfer's socket, read through one reactor reader.
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -50,7 +49,7 @@ class Transfer:
     """
 
     __slots__ = ("session", "engine", "reader", "port", "client", "outcome", "sent", "first_sent",
-                 "_backend_reader", "_clock", "_seconds", "_stats", "_timer", "_armed", "_reading")
+                 "deadline_ticket", "_backend_reader", "_deadlines", "_seconds", "_stats", "_armed", "_reading")
 
     def __init__(self, session: "Session", engine: ReadTransfer, reader: Any, backend_reader: Any) -> None:
         server = session.server
@@ -67,12 +66,13 @@ class Transfer:
         """Datagrams sent to the client on the transfer port."""
         self.first_sent: Optional[float] = None
         """When the first datagram left (metrics: RRQ to first datagram)."""
-        self._clock = server.reactor
+        self._deadlines = server.deadlines
         self._seconds = server.reactor.seconds
         self._stats = server.stats
-        self._timer: Optional[IDelayedCall] = None
+        self.deadline_ticket = 0
+        """Our entry in the server's `Deadlines` (0: none)."""
         self._armed = 0.0
-        """When the timer is set to fire (compared with the engine's deadline)."""
+        """When our deadline is set to pass (compared with the engine's deadline)."""
         self._reading = False
         """A Deferred read is in flight: the engine's `need` is being fetched."""
 
@@ -82,7 +82,7 @@ class Transfer:
         self._send(self.engine.start(now))
         self._pump(now)
         if self.outcome is None:
-            self._arm(now)
+            self._arm()
 
     # -- the hot path -----------------------------------------------------------------------
 
@@ -105,7 +105,7 @@ class Transfer:
         if engine.outcome is not None:
             self._end(engine.outcome)
         elif engine.deadline < self._armed:
-            self._rearm(now)
+            self._arm()
 
     def _send(self, datagrams: List[bytes]) -> None:
         if self.first_sent is None and datagrams:
@@ -145,7 +145,7 @@ class Transfer:
             if self._feed(chunk, now):
                 self._pump(now)
             if self.outcome is None and self.engine.deadline < self._armed:
-                self._rearm(now)
+                self._arm()
 
     def _read_failed(self, failure: Failure) -> None:
         self._reading = False
@@ -157,22 +157,18 @@ class Transfer:
 
     # -- the timer ----------------------------------------------------------------------------
 
-    def _arm(self, now: float) -> None:
-        """Set the transfer's one timer for the engine's deadline (cancel and callLater: moving a
-        DelayedCall sooner searches the reactor's whole heap)."""
+    def _arm(self) -> None:
+        """Set the transfer's one deadline in the server's heap (`deadlines.py`) for the engine's.
+
+        Called at the start, when the deadline passes, and when the engine's deadline moves
+        earlier (rare: an ACK after a backed-off timeout, a shorter learnt timeout, data after a
+        slow read). Usually it moves later, and the deadline, passing early, follows it.
+        """
         deadline = self._armed = self.engine.deadline
-        self._timer = self._clock.callLater(max(deadline - now, 0), self._timed_out)
+        self._deadlines.arm(self, deadline)
 
-    def _rearm(self, now: float) -> None:
-        """The deadline moved earlier than the timer (rare: an ACK after a backed-off timeout, a
-        shorter learnt timeout, data after a slow read); usually it moves later, and the timer,
-        firing early, follows it."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._arm(now)
-
-    def _timed_out(self) -> None:
-        self._timer = None
+    def deadline_passed(self) -> None:
+        """Our deadline passed (perhaps early: the engine then does nothing, and we follow its new one)."""
         if self.outcome is not None:
             return
         engine = self.engine
@@ -183,7 +179,7 @@ class Transfer:
         if engine.outcome is not None:
             self._end(engine.outcome)
         else:
-            self._arm(now)
+            self._arm()
 
     # -- the end ------------------------------------------------------------------------------
 
@@ -212,9 +208,7 @@ class Transfer:
         if self.outcome is not None or session is None:
             return
         self.outcome = session.outcome = outcome
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._deadlines.disarm(self)
         port, self.port = self.port, None  # the port keeps us as its protocol: dropping it breaks the cycle
         if port is not None:
             if outcome == Outcome.COMPLETE:
