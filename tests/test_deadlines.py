@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from twisted.internet.task import Clock
 
-from tftp_offload.deadlines import SWEEP_AT_LEAST, Deadlines
+from tftp_offload.deadlines import EARLY, SWEEP_AT_LEAST, Deadlines
 
 
 class Owner:
@@ -58,8 +58,8 @@ def test_moving_a_deadline_drops_the_old_one() -> None:
     a, b = Owner(clock, deadlines, "a", log), Owner(clock, deadlines, "b", log)
     deadlines.arm(a, 105.0)
     deadlines.arm(b, 110.0)
-    deadlines.arm(a, 102.0)  # earlier: the timer moves
-    assert clock.getDelayedCalls()[0].getTime() == 102.0
+    deadlines.arm(a, 102.0)  # earlier: the timer moves (EARLY before it, another deadline being set)
+    assert clock.getDelayedCalls()[0].getTime() == 102.0 - EARLY
     deadlines.arm(b, 104.0)
     run_out(clock)
     assert log == [("a", 102.0), ("b", 104.0)]  # neither 105 nor 110 fired
@@ -137,3 +137,34 @@ def test_an_owner_that_raises_does_not_stop_the_others() -> None:
         globalLogPublisher.removeObserver(events.append)
     assert log == [("b", 101.0), ("c", 102.0)]
     assert [e["log_failure"].type for e in events if "log_failure" in e] == [RuntimeError]
+
+
+def test_slightly_earlier_deadlines_do_not_move_the_timer_each_time() -> None:
+    """A turn's transfers arm deadlines each a little before the last: the timer, set EARLY
+    before the first of them, takes the next ones without a move; none passes before its time."""
+    clock, deadlines, log = setup()
+    scheduled: List[float] = []
+    call_later = clock.callLater
+
+    def counting(delay: float, f: Any, *a: Any, **kw: Any) -> Any:
+        scheduled.append(clock.seconds() + delay)
+        return call_later(delay, f, *a, **kw)
+
+    clock.callLater = counting  # type: ignore[method-assign]
+    owners = [Owner(clock, deadlines, str(i), log) for i in range(50)]
+    deadlines.arm(Owner(clock, deadlines, "first", log), 101.0)
+    for i, owner in enumerate(owners):
+        deadlines.arm(owner, 100.02 - i * 0.00004)  # 40 us earlier each
+    assert len(scheduled) <= 3
+    passed_at = {}
+    for _ in range(100):
+        calls = clock.getDelayedCalls()
+        if not calls:
+            break
+        clock.advance(calls[0].getTime() - clock.seconds())
+        for name, when in log:
+            passed_at.setdefault(name, when)
+    for i in range(50):
+        assert passed_at[str(i)] >= 100.02 - i * 0.00004  # never early
+    assert passed_at["first"] == 101.0
+    assert len(log) == 51

@@ -27,6 +27,15 @@ log = Logger(namespace="tftp_offload")
 SWEEP_AT_LEAST = 64
 """Stale entries are swept out only once there are this many (and more than live ones)."""
 
+EARLY = 0.005
+"""When a deadline comes in before the reactor timer, the timer is moved this much earlier still.
+
+The transfers of one reactor turn arm deadlines that each come a little before the last (their
+first round trips, measured in turn, get shorter): moved to each exactly, the timer would be
+cancelled and set again for nearly every small file. Set early, it takes the next ones without
+a move, and when it fires with nothing due it is set for the first deadline exactly. A deadline
+never passes early; 5 ms is half the shortest retransmission timeout (engine.MIN_RTO)."""
+
 
 class Armed(Protocol):
     """What the heap asks of a transfer: the ticket of its one live entry, and the call when it comes due."""
@@ -63,7 +72,11 @@ class Deadlines:
         heappush(self._heap, (when, ticket, owner))
         self._live += 1
         if when < self._call_at:
-            self._schedule(when)
+            if self._call is not None:  # another owner's deadline set the timer: see EARLY
+                early = when - EARLY
+                self._schedule(early if early > self._clock.seconds() else when)
+            else:
+                self._schedule(when)
 
     def disarm(self, owner: Armed) -> None:
         """Drop `owner`'s deadline, if it has one."""
