@@ -42,7 +42,7 @@ MiB = 1 << 20
 
 
 class RecordingPort:
-    """Stands in for a transfer socket (mux.TransferSocket): records what the session sends, and when."""
+    """Stands in for a transfer socket (transfer_socket.TransferSocket): records what the session sends, and when."""
 
     made: List["RecordingPort"] = []
 

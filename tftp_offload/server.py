@@ -31,7 +31,7 @@ from .deadlines import Deadlines
 from .engine import Outcome
 from .guard import Guard
 from .interfaces import IBackend
-from .mux import ListenerTransfer, TransferSockets
+from .mux import TransferSockets
 from .packets import (
     ErrorCode,
     MalformedPacket,
@@ -43,6 +43,7 @@ from .packets import (
 from .session import Session
 from .stats import Stats
 from .transfer import UNKNOWN_TID
+from .transfer_socket import ListenerTransfer
 from .udp import Address, RequestPort, path_mtu, plain_host
 
 __all__ = ["DUPLICATE_WINDOW", "ListenerProtocol", "Outcome", "Session", "TFTPServer"]

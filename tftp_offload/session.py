@@ -22,11 +22,12 @@ from .context import RequestContext
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
 from .lookup import BoundedLookup, LookupTimeout, finish_reader
-from .mux import PEER_SOCKET_BLOCKS, ListenerTransfer, PortsExhausted
+from .mux import PEER_SOCKET_BLOCKS, PortsExhausted
 from .options import negotiate
 from .packets import ErrorCode, Request
 from .readers import NetasciiReader
 from .transfer import Transfer
+from .transfer_socket import ListenerTransfer
 from .udp import Address, RequestPort, is_ipv6
 
 if TYPE_CHECKING:

@@ -42,7 +42,7 @@ class Transfer:
     """The transfer phase of one session: engine, port, reader, timer, and the end.
 
     `port` is what the server's transfer-socket factory opened for it (a
-    `mux.TransferSocket`, or a `mux.ListenerTransfer` with --single-port):
+    `transfer_socket.TransferSocket`, or a `transfer_socket.ListenerTransfer` with --single-port):
     anything with `send`, `send_all`, `last_arrival` and `stopListening`, whose
     datagrams come to `datagramReceived`. It is set by the session right after
     construction (the factory needs this object as the port's protocol).
