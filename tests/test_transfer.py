@@ -36,7 +36,7 @@ LOOKUP = 4.0
 
 
 class Port:
-    """A transfer socket (transfer_socket.TransferSocket) that records what it sends, and queues what the client sent."""
+    """A transfer socket (transfer_socket.TransferSocket): records what it sends, queues what the client sent."""
 
     def __init__(self, protocol: Any, clock: Clock) -> None:
         self.protocol = protocol

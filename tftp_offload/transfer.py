@@ -39,7 +39,7 @@ UNKNOWN_TID = encode_error(ErrorCode.UNKNOWN_TID, "Unknown transfer ID")
 
 
 class Transfer:
-    """The transfer phase of one session: engine, port, reader, timer, and the end.
+    """The transfer phase of one session: engine, port, reader, deadline, and the end.
 
     `port` is what the server's transfer-socket factory opened for it (a
     `transfer_socket.TransferSocket`, or a `transfer_socket.ListenerTransfer` with --single-port):
@@ -161,8 +161,9 @@ class Transfer:
         """Set the transfer's one deadline in the server's heap (`deadlines.py`) for the engine's.
 
         Called at the start, when the deadline passes, and when the engine's deadline moves
-        earlier (rare: an ACK after a backed-off timeout, a shorter learnt timeout, data after a
-        slow read). Usually it moves later, and the deadline, passing early, follows it.
+        earlier (an ACK after a backed-off timeout, a shorter learnt timeout: every small file's
+        after its first round trip, data after a slow read). Usually it moves later, and the
+        deadline, passing early, follows it.
         """
         deadline = self._armed = self.engine.deadline
         self._deadlines.arm(self, deadline)
