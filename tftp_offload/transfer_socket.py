@@ -148,12 +148,12 @@ class TransferSocket:
         per = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size)
         count = len(datagrams)
         sent = 1
+        control = [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
         while sent < count:
             group = datagrams[sent : sent + per]
             if per < 2 or len(group) == 1 or any(len(d) != size for d in group[:-1]) or len(group[-1]) > size:
                 break  # not a run of equal sizes, or one left: the rest one by one
             try:
-                control = [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT_SIZE.pack(size))]
                 if addr is None:
                     skt.sendmsg([b"".join(group)], control)
                 else:
