@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 
 from tests.support import tftp_client
 from tests.support.harness import StartServer
+from tftp_offload.backends import directory
 from tftp_offload.backends.directory import DirectoryBackend
 from tftp_offload.errors import AccessViolation, FileNotFound, Unsupported, error_for
 from tftp_offload.interfaces import IBackend, IReader
@@ -433,3 +434,18 @@ def test_per_client_and_map_file_option_errors(tmp_path: Path, args: List[str], 
         options.parseOptions([*root_args, *args])
     assert complaint in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_file_names_split_the_same_remembered_or_not() -> None:
+    """`name_parts` remembers short names only; long ones split afresh, alike; refusals raise each time."""
+    assert directory.name_parts(b"\\boot\\/./bcd") == ("boot", "bcd")
+    assert directory.name_parts(b"\\boot\\/./bcd") is directory.name_parts(b"\\boot\\/./bcd")
+    long = b"/".join([b"d" * 100] * 4)
+    assert len(long) > directory.CACHED_NAME_BYTES
+    assert directory.name_parts(long) == ("d" * 100,) * 4
+    assert directory.name_parts(long) is not directory.name_parts(long)
+    for _ in range(2):
+        with pytest.raises(AccessViolation):
+            directory.name_parts(b"a/../b")
+        with pytest.raises(FileNotFound):
+            directory.name_parts(b"/./")

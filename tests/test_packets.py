@@ -277,3 +277,21 @@ def test_valid_packets_round_trip(packet: Packet) -> None:
     datagram = encode(packet)
     assert decode(datagram) == packet
     assert encode(decode(datagram)) == datagram
+
+
+def test_a_request_is_decoded_once_per_distinct_datagram() -> None:
+    """A storm's identical RRQs share one decoded `Request`; a different one, or a large one, does not."""
+    wire = b"\0\1pxelinux.0\0octet\0blksize\x001468\0tsize\x000\0"
+    first = decode(wire)
+    assert decode(bytes(wire)) is first  # equal bytes, another object: as two clients' datagrams are
+    assert decode(wire.replace(b"pxelinux.0", b"ldlinux.c32")) is not first
+    large = b"\0\1" + b"f" * 300 + b"\0octet\0" + b"x" * 100 + b"\0" + b"y" * 200 + b"\0"
+    assert len(large) > packets.CACHED_REQUEST_BYTES
+    assert decode(large) == decode(large) and decode(large) is not decode(large)
+
+
+def test_a_malformed_request_is_refused_every_time() -> None:
+    """Refusals are not cached away: the same bad datagram raises (with its reason) each time it comes."""
+    for _ in range(2):
+        with pytest.raises(MalformedPacket, match="unknown transfer mode"):
+            decode(b"\0\1file\0mail\0")

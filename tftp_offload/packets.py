@@ -68,7 +68,8 @@ class Request:
     filename: bytes
     mode: str
     options: Dict[str, str] = field(default_factory=dict)
-    """Option names lower-cased, in the order sent (dicts keep it)."""
+    """Option names lower-cased, in the order sent (dicts keep it); shared by every request decoded
+    from the same bytes (`decode`), so never changed."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,26 @@ def _decode_options(fields: list[bytes], what: str) -> Dict[str, str]:
     return options
 
 
+CACHED_REQUEST_BYTES = 512
+"""Requests up to this size (RFC 1350's datagram, which every ROM's fits) are decoded once per
+distinct datagram, `CACHED_REQUESTS` of them at most: a boot storm's machines send the same bytes
+for the same bootloader, and decoding one is a tenth of a small file's Python. A larger request is
+decoded afresh each time, so the cache holds at most that many times this many bytes."""
+CACHED_REQUESTS = 512
+
+
 def decode(datagram: bytes) -> Packet:
-    """Decode one datagram, or raise `MalformedPacket`."""
+    """Decode one datagram, or raise `MalformedPacket` (which is never cached).
+
+    A request may be the very object an earlier identical datagram decoded to: its `options`
+    are shared, not to be changed (`RequestContext` hands backends a copy).
+    """
+    if 4 <= len(datagram) <= CACHED_REQUEST_BYTES and datagram[0] == 0 and (datagram[1] == 1 or datagram[1] == 2):
+        return _decode_request(datagram)
+    return _decode(datagram)
+
+
+def _decode(datagram: bytes) -> Packet:
     if len(datagram) < 2:
         raise MalformedPacket("datagram shorter than an opcode")
     (op,) = _OPCODE.unpack_from(datagram)
@@ -175,6 +194,9 @@ def decode(datagram: bytes) -> Packet:
             raise MalformedPacket("OACK without options")
         return OptionAck(_decode_options(fields, "OACK"))
     raise MalformedPacket(f"unknown opcode {op}")
+
+
+_decode_request = lru_cache(maxsize=CACHED_REQUESTS)(_decode)
 
 
 def _encode_options(options: Dict[str, str]) -> bytes:

@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import stat
+from functools import lru_cache
 from typing import List, Optional, Tuple, Union
 
 from twisted.logger import Logger
@@ -118,20 +119,13 @@ class DirectoryBackend:
     def _resolve(self, file_name: bytes, directory: Optional[str] = None) -> Tuple[str, bool, Found]:
         """`resolve`, whether a component of the path was found missing on the way, and the found
         file's `lstat` (see `_walk`)."""
-        if b"\0" in file_name:
-            raise AccessViolation("Access violation: NUL in filename")
-        name = os.fsdecode(file_name.replace(b"\\", b"/"))
-        parts = [part for part in name.split("/") if part not in ("", ".")]
-        if ".." in parts:
-            raise AccessViolation("Access violation: '..' in filename")
-        if not parts:
-            raise FileNotFound("File not found")
-        path, missing, info = self._walk([directory, *parts] if directory else parts)
+        parts = name_parts(file_name)
+        path, missing, info = self._walk((directory, *parts) if directory else parts)
         if not self._inside(path):
             raise AccessViolation("Access violation: path leaves the served directory")
         return path, missing, info
 
-    def _walk(self, parts: List[str]) -> Tuple[str, bool, Found]:
+    def _walk(self, parts: Tuple[str, ...]) -> Tuple[str, bool, Found]:
         """`os.path.realpath(root/parts...)`, walked from the root; whether a component is missing;
         and the `lstat` of the path it found, when no symlink was on the way.
 
@@ -209,6 +203,38 @@ class DirectoryBackend:
 
     def get_writer(self, file_name: bytes) -> None:
         raise Unsupported("Write requests are not supported")
+
+
+CACHED_NAMES = 1024
+CACHED_NAME_BYTES = 256
+"""`name_parts` remembers this many names of up to this many bytes (256 KB at most; a longer name,
+which no ROM asks for, is split afresh each time)."""
+
+
+def name_parts(file_name: bytes) -> Tuple[str, ...]:
+    """A request's file name as path components below the root, or raise: `\\` is `/`, and empty
+    and `.` components go; a NUL or `..` is an access violation, nothing left is File not found.
+
+    Remembered per name (refusals are not): a storm asks for a handful of names over and over,
+    and only the `lstat` walk that follows depends on what is on disk."""
+    if len(file_name) <= CACHED_NAME_BYTES:
+        return _remembered_parts(file_name)
+    return _split_name(file_name)
+
+
+def _split_name(file_name: bytes) -> Tuple[str, ...]:
+    if b"\0" in file_name:
+        raise AccessViolation("Access violation: NUL in filename")
+    name = os.fsdecode(file_name.replace(b"\\", b"/"))
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise AccessViolation("Access violation: '..' in filename")
+    if not parts:
+        raise FileNotFound("File not found")
+    return parts
+
+
+_remembered_parts = lru_cache(maxsize=CACHED_NAMES)(_split_name)
 
 
 def client_directories(client: str, local: Optional[str]) -> List[str]:
