@@ -255,7 +255,8 @@ async def test_any_other_exception(serve: Serving, log_events: Events, name: byt
     got = await download(serve.peer(), server_of(service), name)
     assert got.error == (0, "Internal server error")
     [line] = events_with(log_events, event="backend-error")
-    assert line["log_failure"].check(exception)  # the traceback is in the log
+    assert line["log_failure"].check(exception)  # the traceback is in the log...
+    assert f"raise {exception.__name__}(" in line["log_failure"].getTraceback()  # ...to the raise, sync or not
 
 
 @pytest.mark.parametrize("name", [b"read/fails", b"read/raises"])

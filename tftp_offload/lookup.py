@@ -69,10 +69,18 @@ class BoundedLookup:
             self.reject(Failure())
             return
         if isinstance(result, Deferred):
-            self.arm()
-            result.addCallbacks(self.resolve, self.reject)
+            self.wait(result)
         else:
             self.resolve(result)
+
+    def wait(self, answer: Deferred) -> None:
+        """The backend answered with a Deferred: wait for it, within the deadline.
+
+        (A caller that handles a synchronous answer itself, as `Session` does for the
+        directory backend's, builds this object only for the answers that need waiting for.)
+        """
+        self.arm()
+        answer.addCallbacks(self.resolve, self.reject)
 
     def arm(self) -> None:
         """Start the deadline (once; not after the wait has ended)."""

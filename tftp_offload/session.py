@@ -2,9 +2,10 @@
 
 The server's table of running requests holds `Session`s (the duplicate and
 per-client rules are about requests, whether their backend has answered or
-not). A session asks the backend for a reader through one `BoundedLookup`
-(a synchronous answer, the directory backend's, costs no Deferred and no
-timer; a slow one is bounded by the lookup timeout and never cancelled),
+not). A session asks the backend for a reader: a synchronous answer (the
+directory backend's) costs no Deferred, no timer and no lookup object; a
+Deferred one is waited for through one `BoundedLookup`, bounded by the lookup
+timeout and never cancelled. It then
 negotiates the options, opens the transfer's port and hands the rest to a
 `Transfer` (transfer.py). However it ends (refused, failed, superseded,
 transferred), it writes one log line and the server forgets it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -91,20 +93,40 @@ class Session:
         backend = server.backend
         context = RequestContext((self.local, self.local_port), self.client, request.mode, request.options) \
             if getattr(backend, "reads_context", True) else None
-        lookup = self._lookup = BoundedLookup(server.reactor, server.lookup_timeout, self._got_reader,
-                                              self._lookup_failed)
-        lookup.call(backend.get_reader, request.filename, ctx=context)
+        # A synchronous answer (the directory backend's, a missing file's refusal) is handled here:
+        # no BoundedLookup and no Failure for what needs no waiting, two microseconds a request.
+        try:
+            answer = backend.get_reader(request.filename) if context is None else \
+                context.call(backend.get_reader, request.filename)
+        except Exception as e:
+            self._refused(e, None)
+            return
+        if isinstance(answer, Deferred):
+            lookup = self._lookup = BoundedLookup(server.reactor, server.lookup_timeout, self._got_reader,
+                                                  self._lookup_failed)
+            lookup.wait(answer)
+        else:
+            self._got_reader(answer)
 
     def _lookup_failed(self, failure: Failure) -> None:
-        """The backend refused, failed or did not answer in time: ERROR to the client, and the end."""
+        """The backend's Deferred failed, or it did not answer in time."""
+        self._refused(failure.value, failure)
+
+    def _refused(self, error: BaseException, failure: Optional[Failure]) -> None:
+        """The backend refused, failed or did not answer in time: ERROR to the client, and the end.
+
+        `failure` is the Deferred's, if the answer came as one; a synchronous one's traceback is the
+        exception's own.
+        """
         self._lookup = None
         code: int
-        if isinstance(failure.value, LookupTimeout):  # not failure.check(): it walks the MRO by name, per refusal
+        if isinstance(error, LookupTimeout):  # not failure.check(): it walks the MRO by name, per refusal
             code, message, expected = ErrorCode.NOT_DEFINED, "Backend did not answer in time", True
         else:
-            code, message, expected = error_for(failure.value)
+            code, message, expected = error_for(error)
         if not expected:
-            log.failure("Backend failed on {file} for {client}", failure=failure,
+            log.failure("Backend failed on {file} for {client}",
+                        failure=failure or Failure(error, type(error), error.__traceback__),
                         file=logs.filename(self.request.filename), client=logs.address(*self.client),
                         event="backend-error")
         self.server.stats.lookup_failed(self, self.server.reactor.seconds())
