@@ -5,9 +5,8 @@ per-client rules are about requests, whether their backend has answered or
 not). A session asks the backend for a reader: a synchronous answer (the
 directory backend's) costs no Deferred, no timer and no lookup object; a
 Deferred one is waited for through one `BoundedLookup`, bounded by the lookup
-timeout and never cancelled. It then
-negotiates the options, opens the transfer's port and hands the rest to a
-`Transfer` (transfer.py). However it ends (refused, failed, superseded,
+timeout and never cancelled. It then negotiates the options, opens the
+transfer's port and hands the rest to a `Transfer` (transfer.py). However it ends (refused, failed, superseded,
 transferred), it writes one log line and the server forgets it.
 """
 
