@@ -2,8 +2,9 @@
 
 A `TransferSocket` is one transfer's UDP socket, and for a long transfer a second
 one on the same port connected to the client (`mux.py` opens them and reads them
-all through one epoll object): sends, a window as one segmentation-offload send,
-reads handed to the transfer, and the kernel's arrival time of the last datagram.
+all through one epoll object): sends (a window's first datagram alone, the rest in
+segmentation-offload sends of up to 64 KB), reads handed to the transfer, and the
+kernel's arrival time of the last datagram.
 `ListenerTransfer` offers a transfer the same from the listening port itself
 (`--single-port`).
 """
@@ -41,7 +42,7 @@ _TIMEVAL_BYTES = bytes(_TIMEVAL.size)
 
 def arm_timestamps(fd: int) -> None:
     """Make the kernel keep each datagram's arrival time on `fd` (the first SIOCGSTAMP does that)."""
-    try:  # noqa: SIM105  (not contextlib.suppress: per request, its enter/exit cost 3% of one)
+    try:  # noqa: SIM105  (not contextlib.suppress: its enter/exit cost 3% of a request when every transfer opened a socket)
         fcntl.ioctl(fd, SIOCGSTAMP, _TIMEVAL_BYTES)
     except OSError:
         pass  # ENOENT: nothing received yet, as expected
