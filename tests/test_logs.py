@@ -56,10 +56,68 @@ def test_json_fields_are_plain() -> None:
 
     line = logs.event_as_json({"log_format": "{outcome} {file}", "log_level": LogLevel.warn, "log_time": 0.5,
                                "log_namespace": "tftp_offload", "outcome": "complete", "file": "a", "raw": b"\xff",
-                               "pair": ("::1", 69), "log_logger": object()})
+                               "pair": ("::1", 69), "log_logger": object(), "duration": 0.012345790863037109})
     assert json.loads(line) == {"time": "1970-01-01T00:00:00.500Z", "level": "warn", "namespace": "tftp_offload",
                                 "text": "complete a", "outcome": "complete", "file": "a", "raw": "\\xff",
-                                "pair": ["::1", 69]}
+                                "pair": ["::1", 69], "duration": 0.012346}  # seconds, to the microsecond
+
+
+END_FIELDS = {"file": "pxelinux.cfg/default", "client": "192.0.2.7:2070", "kind": "directory", "size": 1024,
+              "blksize": 1468, "windowsize": 1, "bytes": 1024, "duration": 0.0123456, "retransmits": 0,
+              "error_code": None, "error_message": None, "error_by": None}
+"""A transfer-end event's fields (`Session.fields`) that `end_text` reads; each case below changes some."""
+
+
+@pytest.mark.parametrize(
+    ("changed", "text"),
+    [
+        ({"outcome": "complete"},
+         "complete pxelinux.cfg/default to 192.0.2.7:2070: 1024 bytes in 0.012s "
+         "(directory, blksize 1468, windowsize 1)"),
+        ({"outcome": "complete", "kind": None, "retransmits": 3, "windowsize": 16},
+         "complete pxelinux.cfg/default to 192.0.2.7:2070: 1024 bytes in 0.012s "
+         "(blksize 1468, windowsize 16, 3 retransmitted)"),
+        ({"outcome": "complete", "retransmits": 1},
+         "complete pxelinux.cfg/default to 192.0.2.7:2070: 1024 bytes in 0.012s "
+         "(directory, blksize 1468, windowsize 1, 1 retransmitted)"),
+        ({"outcome": "complete", "size": None, "duration": 2.0},  # a stream: no size, the same line
+         "complete pxelinux.cfg/default to 192.0.2.7:2070: 1024 bytes in 2.000s "
+         "(directory, blksize 1468, windowsize 1)"),
+        ({"outcome": "timeout", "bytes": 512, "duration": 5.0, "blksize": 512, "retransmits": 2},
+         "timeout pxelinux.cfg/default to 192.0.2.7:2070: 512 bytes of 1024 in 5.000s "
+         "(directory, blksize 512, windowsize 1, 2 retransmitted)"),
+        ({"outcome": "timeout", "bytes": 512, "size": None, "kind": None},
+         "timeout pxelinux.cfg/default to 192.0.2.7:2070: 512 bytes in 0.012s (blksize 1468, windowsize 1)"),
+        ({"outcome": "aborted", "size": None, "error_code": 0, "error_message": "Server shutting down",
+          "error_by": "server"},
+         "aborted pxelinux.cfg/default to 192.0.2.7:2070: 1024 bytes in 0.012s "
+         "(directory, blksize 1468, windowsize 1); sent ERROR 0: Server shutting down"),
+        ({"outcome": "aborted", "blksize": None, "windowsize": None, "bytes": 0, "error_code": 0,
+          "error_message": "Internal server error", "error_by": "server"},  # before the transfer began
+         "aborted pxelinux.cfg/default to 192.0.2.7:2070: 0 bytes of 1024 in 0.012s (directory); "
+         "sent ERROR 0: Internal server error"),
+        ({"outcome": "aborted", "blksize": None, "windowsize": None, "bytes": 0, "kind": None},
+         "aborted pxelinux.cfg/default to 192.0.2.7:2070: 0 bytes of 1024 in 0.012s"),
+        ({"outcome": "client-error", "bytes": 512, "error_code": 0, "error_message": "user abort",
+          "error_by": "client"},
+         "client-error pxelinux.cfg/default to 192.0.2.7:2070: 512 bytes of 1024 in 0.012s "
+         "(directory, blksize 1468, windowsize 1); the client said ERROR 0: user abort"),
+        ({"outcome": "protocol-error", "bytes": 0, "error_code": 4, "error_message": "Expected an ACK",
+          "error_by": "server"},
+         "protocol-error pxelinux.cfg/default to 192.0.2.7:2070: 0 bytes of 1024 in 0.012s "
+         "(directory, blksize 1468, windowsize 1); sent ERROR 4: Expected an ACK"),
+        ({"outcome": "probe", "bytes": 0, "error_code": 8, "error_message": "size only", "error_by": "client"},
+         "probe pxelinux.cfg/default to 192.0.2.7:2070: told the size, 1024 bytes, in 0.012s "
+         "(directory, blksize 1468, windowsize 1); the client said ERROR 8: size only"),
+        ({"outcome": "refused", "kind": None, "size": None, "blksize": None, "windowsize": None, "bytes": 0,
+          "error_code": 1, "error_message": "File not found", "error_by": "server"},
+         "refused pxelinux.cfg/default to 192.0.2.7:2070: File not found (ERROR 1)"),
+    ],
+)
+def test_end_text(changed: Dict[str, Any], text: str) -> None:
+    """Every outcome's line, and the usual one (complete, no retransmission) made in one piece reads
+    as the rest: what an operator wants first, details in brackets, an ERROR last."""
+    assert logs.end_text({**END_FIELDS, **changed}) == text
 
 
 def test_text_observer_writes_what_twistd_would() -> None:
@@ -130,8 +188,8 @@ def test_text_observer_writes_a_turns_lines_at_its_end() -> None:
 def test_transfer_end_is_the_event_logger_info_makes() -> None:
     from twisted.logger import Logger
 
-    fields = {"outcome": "complete", "file": "a", "client": "192.0.2.1:1", "bytes": 1, "duration": 0.001,
-              "kind": "directory", "blksize": None, "size": 1, "retransmits": 0, "error_message": None}
+    fields = {**END_FIELDS, "outcome": "complete", "file": "a", "client": "192.0.2.1:1", "bytes": 1,
+              "duration": 0.001, "blksize": None, "size": 1}
     seen: List[Dict[str, Any]] = []
     log = Logger(namespace="tftp_offload", observer=seen.append)
     log.info("{log_text}", log_text=logs.end_text(fields), **fields, event="transfer-end")

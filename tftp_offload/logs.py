@@ -70,33 +70,38 @@ def client_error(text: Optional[str]) -> Tuple[Optional[int], Optional[str]]:
 def end_text(fields: Dict[str, Any]) -> str:
     """The text of a transfer-end event: what an operator wants first, details after.
 
-    Rendered here, once, and handed to the logger as the one field of a "{log_text}" format:
-    Twisted's formatter parsing a dozen placeholders per transfer cost more than the rest of
-    the line (a boot storm's small files each write one)."""
-    outcome = fields["outcome"]
+    `fields` are a request's (`Session.fields`), every key present. Rendered here, once, and
+    handed to the logger as the one field of a "{log_text}" format: Twisted's formatter parsing
+    a dozen placeholders per transfer cost more than the rest of the line (a boot storm's small
+    files each write one)."""
+    outcome, file, client = fields["outcome"], fields["file"], fields["client"]
     if outcome == REFUSED:
-        return (f"refused {fields['file']} to {fields['client']}: {fields['error_message']} "
-                f"(ERROR {fields['error_code']})")
+        return f"refused {file} to {client}: {fields['error_message']} (ERROR {fields['error_code']})"
+    kind, blksize, retransmits, message = fields["kind"], fields["blksize"], fields["retransmits"], \
+        fields["error_message"]
+    if outcome == COMPLETE and kind and blksize is not None and not retransmits and message is None:
+        # The usual line, in one piece: formatting numbers is most of a line's cost.
+        return (f"complete {file} to {client}: {fields['bytes']} bytes in {fields['duration']:.3f}s "
+                f"({kind}, blksize {blksize}, windowsize {fields['windowsize']})")
+    size, duration = fields["size"], fields["duration"]
     if outcome == PROBE:
-        text = f"probe {fields['file']} to {fields['client']}: told the size, {fields['size']} bytes, " \
-               f"in {fields['duration']:.3f}s"
+        text = f"probe {file} to {client}: told the size, {size} bytes, in {duration:.3f}s"
+    elif outcome == COMPLETE or size is None:
+        text = f"{outcome} {file} to {client}: {fields['bytes']} bytes in {duration:.3f}s"
     else:
-        text = f"{outcome} {fields['file']} to {fields['client']}: {fields['bytes']} bytes"
-        if outcome != COMPLETE and fields.get("size") is not None:
-            text += f" of {fields['size']}"
-        text += f" in {fields['duration']:.3f}s"
-    details = []
-    if fields.get("kind"):
-        details.append(str(fields["kind"]))
-    if fields.get("blksize") is not None:
-        details.append(f"blksize {fields['blksize']}, windowsize {fields['windowsize']}")
-    if fields.get("retransmits"):
-        details.append(f"{fields['retransmits']} retransmitted")
+        text = f"{outcome} {file} to {client}: {fields['bytes']} bytes of {size} in {duration:.3f}s"
+    if blksize is not None:
+        sizes = f"blksize {blksize}, windowsize {fields['windowsize']}"
+        details = f"{kind}, {sizes}" if kind else sizes
+    else:
+        details = kind or ""
+    if retransmits:
+        details = f"{details}, {retransmits} retransmitted" if details else f"{retransmits} retransmitted"
     if details:
-        text += f" ({', '.join(details)})"
-    if fields.get("error_message") is not None:
-        who = "the client said" if fields.get("error_by") == "client" else "sent"
-        text += f"; {who} ERROR {fields['error_code']}: {fields['error_message']}"
+        text = f"{text} ({details})"
+    if message is not None:
+        who = "the client said" if fields["error_by"] == "client" else "sent"
+        text = f"{text}; {who} ERROR {fields['error_code']}: {message}"
     return text
 
 
@@ -131,7 +136,9 @@ _EVENT_KEYS: Dict[Logger, Dict[str, Any]] = {}
 
 
 def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, float):
+        return round(value, 6)  # seconds, to the microsecond: 0.012346, not 0.012345790863037109
+    if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, bytes):
         return filename(value)
@@ -216,7 +223,7 @@ class TextLinesObserver:
         text = event.get("log_text")
         when = event.get("log_time")
         level = event.get("log_level")
-        if (text is None or when is None or level is None or event.get("log_format") != "{log_text}"
+        if (type(text) is not str or when is None or level is None or event.get("log_format") != "{log_text}"
                 or "log_failure" in event or "log_system" in event):
             if self._lines:
                 self.write_pending()  # in order: ours of this turn first
@@ -225,7 +232,8 @@ class TextLinesObserver:
         second = int(when)
         if second != self._second:  # a time stamp has whole seconds: the same for every event in one
             self._stamp, self._second = formatTime(second), second
-        text = str(text).replace("\n", "\n\t")  # as Twisted continues a line (end_text has none)
+        if "\n" in text:  # as Twisted continues a line (end_text makes none)
+            text = text.replace("\n", "\n\t")
         lines = self._lines
         lines.append(f"{self._stamp} [{event.get('log_namespace', '-')}#{level.name}] {text}\n")
         # Written once per reactor turn, not once per line: twistd's log file is unbuffered, and a

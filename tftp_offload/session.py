@@ -236,8 +236,8 @@ class Session:
 
     def fields(self, report: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """The structured fields of this request's log events: plain strings and numbers (docs/operations.md)."""
-        request, engine = self.request, self.engine
-        size = self.size
+        request, transfer, size = self.request, self.transfer, self.size
+        engine = transfer.engine if transfer is not None else None
         fields: Dict[str, Any] = {
             "client": logs.address(*self.client),
             "client_host": self.client[0],
@@ -258,9 +258,10 @@ class Session:
             code, message, by = self.error
         outcome = report["outcome"]
         # One store a key, not update(**): a boot storm's small files each log one of these.
-        fields["outcome"] = outcome.value if isinstance(outcome, Outcome) else str(outcome)
+        # `_value_`, the enum's documented attribute, not its `value` property: a Python call per line.
+        fields["outcome"] = outcome._value_ if isinstance(outcome, Outcome) else str(outcome)
         fields["bytes"] = report["bytes"]
-        fields["duration"] = round(report["duration"], 6)
+        fields["duration"] = report["duration"]
         fields["retransmits"] = report["retransmits"]
         fields["error_code"] = code
         fields["error_message"] = message
