@@ -68,19 +68,10 @@ class Session:
         self._backend_reader: Any = None
         self._lookup: Optional[BoundedLookup] = None
 
-    # What stats.py reads of a finished transfer, whichever phase holds it.
-
     @property
     def engine(self) -> Optional[ReadTransfer]:
+        """The transfer's engine, None while the backend has not answered (or never did)."""
         return self.transfer.engine if self.transfer is not None else None
-
-    @property
-    def sent(self) -> int:
-        return self.transfer.sent if self.transfer is not None else 0
-
-    @property
-    def first_sent(self) -> Optional[float]:
-        return self.transfer.first_sent if self.transfer is not None else None
 
     # -- phase 1: ask the backend -------------------------------------------------------------
 
@@ -229,7 +220,7 @@ class Session:
             fields = self.fields(report)
             logs.transfer_end(log, fields)
         if self.transfer is not None:
-            server.stats.transfer_ended(self, server.reactor.seconds())
+            server.stats.transfer_ended(self, self.transfer, server.reactor.seconds())
         # Last: forgetting the last session fires drain()'s Deferred, by which time the reader
         # must be finished (ephemeral files removed, the backend told).
         server.forget(self)

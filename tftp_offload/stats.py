@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ from .engine import Outcome
 
 if TYPE_CHECKING:
     from .server import Session
+    from .transfer import Transfer
 
 log = Logger(namespace="tftp_offload")
 
@@ -98,7 +100,9 @@ class TransferReport:
 def report_outcome(outcome: Optional[str]) -> str:
     """A session's outcome as reports carry it: the documented values only (a transfer superseded by
     a new request from its client, or ended from our side for any other reason, is `aborted`)."""
-    text = str(getattr(outcome, "value", outcome))  # a str Enum member hashes by name, not value
+    # An Enum member's `_value_` itself: `value` is a Python property (a call per transfer), and a str
+    # Enum member hashes by name, not value.
+    text = outcome._value_ if isinstance(outcome, Enum) else str(outcome)
     return text if text in OUTCOMES else "aborted"
 
 
@@ -149,20 +153,19 @@ class Stats:
         self.lookup_failures += 1
         self.lookup_seconds.observe(now - session.started)
 
-    def transfer_ended(self, session: "Session", now: float) -> None:
-        """Once per transfer that ran (a session with an engine), after its reader is finished."""
-        engine = session.engine
-        assert engine is not None
+    def transfer_ended(self, session: "Session", transfer: "Transfer", now: float) -> None:
+        """Once per transfer that ran (`session`'s transfer phase), after its reader is finished."""
+        engine = transfer.engine
         outcome = report_outcome(session.outcome)
         self.finished[outcome] += 1
         if outcome == "protocol-error":
             self.error_sent(4)  # the engine answers a datagram it cannot place with ERROR 4
         acked = engine.bytes_acked
         self.bytes_sent += acked
-        self.datagrams_sent += session.sent
+        self.datagrams_sent += transfer.sent
         self.retransmits += engine.retransmits
         self.duplicate_acks += engine.duplicate_acks
-        first = None if session.first_sent is None else session.first_sent - session.started
+        first = None if transfer.first_sent is None else transfer.first_sent - session.started
         if first is not None:
             self.first_datagram_seconds.observe(first)
         duration = now - session.started
@@ -176,7 +179,7 @@ class Stats:
             local=(session.local, session.listener.getHost().port), kind=reader_kind(session._backend_reader),
             size=getattr(session._backend_reader, "size", None), bytes=acked, duration=duration,
             lookup=(session.answered_at or now) - session.started, first_datagram=first,
-            blksize=engine.blksize, windowsize=engine.windowsize, datagrams=session.sent,
+            blksize=engine.blksize, windowsize=engine.windowsize, datagrams=transfer.sent,
             retransmits=engine.retransmits, duplicate_acks=engine.duplicate_acks, client_error=engine.client_error)
         for observer in list(self.observers):
             try:
