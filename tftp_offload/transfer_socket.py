@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from twisted.logger import Logger
 
-from .udp import Address
+from .udp import Address, is_ipv6
 
 if TYPE_CHECKING:
     from .mux import TransferSockets
@@ -75,7 +75,9 @@ class TransferSocket:
         self._fd = skt.fileno()
         self._peer_fd = -1
         self._mux = mux
-        self._v6 = skt.family == socket.AF_INET6
+        # The address it was opened on says the family: `skt.family` builds an enum member, a
+        # twentieth of a small file's Python in a boot storm.
+        self._v6 = is_ipv6(local) if local else skt.family == socket.AF_INET6
         self._gso = mux.gso
 
     @property
