@@ -6,8 +6,9 @@ not). A session asks the backend for a reader: a synchronous answer (the
 directory backend's) costs no Deferred, no timer and no lookup object; a
 Deferred one is waited for through one `BoundedLookup`, bounded by the lookup
 timeout and never cancelled. It then negotiates the options, opens the
-transfer's port and hands the rest to a `Transfer` (transfer.py). However it ends (refused, failed, superseded,
-transferred), it writes one log line and the server forgets it.
+transfer's port and hands the rest to a `Transfer` (transfer.py). However it
+ends (refused, failed, superseded, transferred), it writes one log line and the
+server forgets it.
 """
 
 from __future__ import annotations
@@ -67,11 +68,6 @@ class Session:
         self.answered_at: Optional[float] = None
         self._backend_reader: Any = None
         self._lookup: Optional[BoundedLookup] = None
-
-    @property
-    def engine(self) -> Optional[ReadTransfer]:
-        """The transfer's engine, None while the backend has not answered (or never did)."""
-        return self.transfer.engine if self.transfer is not None else None
 
     # -- phase 1: ask the backend -------------------------------------------------------------
 

@@ -189,4 +189,4 @@ class Stats:
 
     def lookups_in_flight(self, sessions: Any) -> int:
         """Sessions still waiting for the backend (counted at read time, not kept up to date)."""
-        return sum(1 for session in sessions if session.engine is None and session.outcome is None)
+        return sum(1 for session in sessions if session.transfer is None and session.outcome is None)

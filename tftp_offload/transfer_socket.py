@@ -75,8 +75,8 @@ class TransferSocket:
         self._fd = skt.fileno()
         self._peer_fd = -1
         self._mux = mux
-        # The address it was opened on says the family: `skt.family` builds an enum member, a
-        # twentieth of a small file's Python in a boot storm.
+        # The address it was opened on says the family: `skt.family` builds an enum member through
+        # Python code, about 7,000 instructions per transfer (2.5% of a small file's).
         self._v6 = is_ipv6(local) if local else skt.family == socket.AF_INET6
         self._gso = mux.gso
 
