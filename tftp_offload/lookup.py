@@ -1,4 +1,4 @@
-"""A backend lookup bounded in time: what the driver, the offload responder and the AMP client share.
+"""A backend lookup bounded in time: what sessions, the offload responder and the AMP client share.
 
 `get_reader` may answer at once, with a Deferred, or never. Whoever asks waits at most
 `timeout` seconds, but the backend's Deferred is never cancelled: cancelling one that cannot
@@ -6,8 +6,8 @@ really be cancelled (`deferToThread`'s) drops the reader it produces later, unfi
 the file stays open. So the deadline is a timer of our own, and a reader that arrives after
 the asker has stopped waiting (timed out, or gone) is finished here.
 
-A backend that answers synchronously (the directory backend) costs no Deferred and no timer:
-the per-request path of a boot storm is a budget in microseconds.
+A backend that answers synchronously (the directory backend) costs no Deferred and no timer
+(`ask`): the per-request path of a boot storm is a budget in microseconds.
 """
 
 from __future__ import annotations
@@ -40,19 +40,53 @@ def finish_reader(reader: Any) -> None:
         log.failure("reader.finish() failed")
 
 
+OnFailure = Callable[[BaseException, Optional[Failure]], object]
+"""`on_failure(error, failure)`: the error, and its `Failure` if one was already built."""
+
+
+def as_failure(error: BaseException, failure: Optional[Failure]) -> Failure:
+    """`failure`, or one built from `error` and the traceback it was raised with."""
+    return failure if failure is not None else Failure(error, type(error), error.__traceback__)
+
+
+def ask(clock: IReactorTime, timeout: float, get_reader: Callable[[bytes], Any], filename: bytes,
+        ctx: Optional[RequestContext], on_reader: Callable[[Any], object],
+        on_failure: OnFailure) -> Optional["BoundedLookup"]:
+    """Ask the backend for `filename`'s reader (in the request's context `ctx`, if given).
+
+    A synchronous answer (the directory backend's, a missing file's refusal) goes straight to
+    `on_reader`, or to `on_failure(error, None)`: no lookup object, no timer and no `Failure`
+    for what needs no waiting, two microseconds a request. A Deferred is waited for through a
+    `BoundedLookup`, returned while the wait is on so that the asker can `abandon()` it.
+    """
+    try:
+        answer = get_reader(filename) if ctx is None else ctx.call(get_reader, filename)
+    except Exception as e:
+        on_failure(e, None)
+        return None
+    # Not isinstance(): Deferred is an Awaitable, so that goes through ABCMeta's Python code.
+    if Deferred not in type(answer).__mro__:
+        on_reader(answer)
+        return None
+    lookup = BoundedLookup(clock, timeout, on_reader, on_failure)
+    lookup.wait(answer)
+    return None if lookup.done else lookup
+
+
 class BoundedLookup:
     """One wait for a reader, which ends exactly once: with a reader, a failure, or `LookupTimeout`.
 
-    `on_reader(reader)` or `on_failure(failure)` is called at most once, and not at all after
-    `abandon()`. The answer may come from calling the backend (`call`) or be handed in by
-    whoever has it (`resolve` / `reject`, with `arm` to start the deadline): the AMP client
-    shares one backend answer among several waiting requests.
+    `on_reader(reader)` or `on_failure(error, failure)` is called at most once, and not at all
+    after `abandon()`. `failure` is the Deferred's `Failure`, or None for a `LookupTimeout` (see
+    `as_failure`). The answer may be a Deferred from the backend (`wait`, through `ask`) or be
+    handed in by whoever has it (`resolve` / `reject`, with `arm` to start the deadline): the
+    AMP client shares one backend answer among several waiting requests.
     """
 
     __slots__ = ("_clock", "_on_failure", "_on_reader", "_timeout", "_timer", "done")
 
     def __init__(self, clock: IReactorTime, timeout: float, on_reader: Callable[[Any], object],
-                 on_failure: Callable[[Failure], object]) -> None:
+                 on_failure: "OnFailure") -> None:
         self._clock = clock
         self._timeout = timeout
         self._on_reader = on_reader
@@ -61,24 +95,8 @@ class BoundedLookup:
         self.done = False
         """True once the wait has ended (answered, failed, timed out or abandoned)."""
 
-    def call(self, get_reader: Callable[..., Any], *args: Any, ctx: Optional[RequestContext] = None) -> None:
-        """Ask the backend: `get_reader(*args)`, in the request's context `ctx` if given."""
-        try:
-            result = get_reader(*args) if ctx is None else ctx.call(get_reader, *args)
-        except Exception:
-            self.reject(Failure())
-            return
-        if isinstance(result, Deferred):
-            self.wait(result)
-        else:
-            self.resolve(result)
-
     def wait(self, answer: Deferred) -> None:
-        """The backend answered with a Deferred: wait for it, within the deadline.
-
-        (A caller that handles a synchronous answer itself, as `Session` does for the
-        directory backend's, builds this object only for the answers that need waiting for.)
-        """
+        """The backend answered with a Deferred: wait for it, within the deadline."""
         self.arm()
         answer.addCallbacks(self.resolve, self.reject)
 
@@ -100,7 +118,7 @@ class BoundedLookup:
         if self.done:
             return
         self._end()
-        self._on_failure(failure)
+        self._on_failure(failure.value, failure)
 
     def abandon(self) -> None:
         """Stop waiting: no callback will run, and a reader that still arrives is finished."""
@@ -110,7 +128,7 @@ class BoundedLookup:
         self._timer = None
         if not self.done:
             self.done = True
-            self._on_failure(Failure(LookupTimeout(self._timeout)))
+            self._on_failure(LookupTimeout(self._timeout), None)
 
     def _end(self) -> None:
         self.done = True

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,7 +22,7 @@ from . import logs
 from .context import RequestContext
 from .engine import Outcome, ReadTransfer
 from .errors import error_for
-from .lookup import BoundedLookup, LookupTimeout, finish_reader
+from .lookup import BoundedLookup, LookupTimeout, as_failure, ask, finish_reader
 from .mux import PEER_SOCKET_BLOCKS, PortsExhausted
 from .options import negotiate
 from .packets import ErrorCode, Request
@@ -79,30 +78,13 @@ class Session:
         backend = server.backend
         context = RequestContext((self.local, self.local_port), self.client, request.mode, request.options) \
             if getattr(backend, "reads_context", True) else None
-        # A synchronous answer (the directory backend's, a missing file's refusal) is handled here:
-        # no BoundedLookup and no Failure for what needs no waiting, two microseconds a request.
-        try:
-            answer = backend.get_reader(request.filename) if context is None else \
-                context.call(backend.get_reader, request.filename)
-        except Exception as e:
-            self._refused(e, None)
-            return
-        if isinstance(answer, Deferred):
-            lookup = self._lookup = BoundedLookup(server.reactor, server.lookup_timeout, self._got_reader,
-                                                  self._lookup_failed)
-            lookup.wait(answer)
-        else:
-            self._got_reader(answer)
-
-    def _lookup_failed(self, failure: Failure) -> None:
-        """The backend's Deferred failed, or it did not answer in time."""
-        self._refused(failure.value, failure)
+        self._lookup = ask(server.reactor, server.lookup_timeout, backend.get_reader, request.filename, context,
+                           self._got_reader, self._refused)
 
     def _refused(self, error: BaseException, failure: Optional[Failure]) -> None:
         """The backend refused, failed or did not answer in time: ERROR to the client, and the end.
 
-        `failure` is the Deferred's, if the answer came as one; a synchronous one's traceback is the
-        exception's own.
+        `failure` is the Deferred's, if the answer came as one (`lookup.ask`).
         """
         self._lookup = None
         code: int
@@ -112,7 +94,7 @@ class Session:
             code, message, expected = error_for(error)
         if not expected:
             log.failure("Backend failed on {file} for {client}",
-                        failure=failure or Failure(error, type(error), error.__traceback__),
+                        failure=as_failure(error, failure),
                         file=logs.filename(self.request.filename), client=logs.address(*self.client),
                         event="backend-error")
         self.server.stats.lookup_failed(self, self.server.reactor.seconds())

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from ..context import RequestContext
 from ..errors import BackendError
 from ..interfaces import IReader
-from ..lookup import BoundedLookup, LookupTimeout
+from ..lookup import BoundedLookup, LookupTimeout, as_failure
 from .cache import Key
 
 if TYPE_CHECKING:
@@ -95,10 +95,10 @@ class Waiter:
         self.question = None
         self._wait.reject(failure)
 
-    def _failed(self, failure: Failure) -> None:
-        if failure.check(LookupTimeout):
+    def _failed(self, error: BaseException, failure: Optional[Failure]) -> None:
+        if isinstance(error, LookupTimeout):
             failure = Failure(BackendError(self._expired()))
-        self.deferred.errback(failure)
+        self.deferred.errback(as_failure(error, failure))
 
     def _expired(self) -> str:
         question, self.question = self.question, None

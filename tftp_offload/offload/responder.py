@@ -34,7 +34,7 @@ from .. import __version__
 from ..context import RequestContext
 from ..errors import BackendError, carrier, error_for
 from ..interfaces import IBackend
-from ..lookup import BoundedLookup, LookupTimeout, finish_reader
+from ..lookup import LookupTimeout, as_failure, ask, finish_reader
 from ..readers import PathReader
 from . import commands
 from .commands import CHUNK_MAX, EPHEMERAL, FD, INLINE, INLINE_MAX, PATH, STREAM, BadRequest, StreamGone
@@ -147,8 +147,8 @@ class OffloadResponder(amp.AMP):
         """The wrapped backend's answer (a reader), or `LookupTimeout` after `lookup_timeout` seconds."""
         out: Deferred = Deferred()
         factory = self.factory
-        lookup = BoundedLookup(factory.reactor, factory.lookup_timeout, out.callback, out.errback)
-        lookup.call(factory.backend.get_reader, filename, ctx=request)
+        ask(factory.reactor, factory.lookup_timeout, factory.backend.get_reader, filename, request, out.callback,
+            lambda error, failure: out.errback(as_failure(error, failure)))
         return out
 
     def _answer(self, reader: Any, request_id: int, filename: bytes) -> Any:
