@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Optional
 
 import pytest
@@ -21,6 +22,7 @@ from tftp_offload.options import (
     blksize_for_mtu,
     negotiate,
 )
+from tftp_offload.packets import encode_oack
 
 LIMITS = Limits()
 
@@ -304,3 +306,24 @@ def test_the_same_question_gets_the_same_answer_once_worked_out() -> None:
     other = negotiate({"blksize": "1468", "tsize": "0"}, "octet", 2048, limits, 1500)
     assert other is not first and other.oack == {"blksize": "1468", "tsize": "2048"}
     assert negotiate({"blksize": "1468", "tsize": "0"}, "octet", 1024, limits, 1280).blksize == 1280 - IPV4_OVERHEAD
+
+
+def test_limits_are_a_key_by_value() -> None:
+    """Limits hash once, by their values: equal limits share answers, other limits get their own."""
+    question = ({"blksize": "9000", "windowsize": "64"}, "octet", 1 << 20)
+    first = negotiate(*question, Limits(max_blksize=4096))
+    assert hash(Limits(max_blksize=4096)) == hash(Limits(max_blksize=4096))
+    assert negotiate(*question, Limits(max_blksize=4096)) is first
+    narrower = dataclasses.replace(Limits(max_blksize=4096), max_windowsize=8)
+    assert narrower != Limits(max_blksize=4096) and hash(narrower) != hash(Limits(max_blksize=4096))
+    assert (first.blksize, first.windowsize) == (4096, 64)
+    assert negotiate(*question, narrower).windowsize == 8
+
+
+def test_the_oack_datagram_is_encoded_with_the_answer() -> None:
+    """What the engine sends first: the OACK's bytes in the request's option order, or nothing."""
+    result = grant({"tsize": "0", "blksize": "1468"})
+    assert result.datagram == b"\x00\x06tsize\x001000\x00blksize\x001468\x00"
+    assert result.datagram == encode_oack(result.oack)
+    assert grant({}).datagram is None and grant({"tsize": "0"}, size=None).datagram is None
+    assert Negotiated(512, 1, 1.0, {"timeout": "3"}).datagram == b"\x00\x06timeout\x003\x00"

@@ -9,11 +9,11 @@ is kinder to ROMs than refusing the whole transfer with ERROR 8.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from typing import Dict, Mapping, Optional, Tuple
 
-from .packets import MAX_NUMBER_DIGITS
+from .packets import MAX_NUMBER_DIGITS, encode_oack
 
 MIN_BLKSIZE = 8
 MAX_BLKSIZE = 65464
@@ -88,6 +88,12 @@ class Limits:
         if not self.give_up >= self.timeout:
             raise ValueError("--give-up must be at least --timeout")
         ROLLOVER_RANGE.check(self.rollover)
+        # Hashed once: the server's Limits is part of negotiate()'s cache key on every request, and
+        # the hash a frozen dataclass generates builds and hashes a tuple of all six fields each time.
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,12 @@ class Negotiated:
     windowsize: int
     timeout: float
     oack: Dict[str, str]
+    datagram: Optional[bytes] = field(init=False, compare=False, repr=False)
+    """The OACK datagram, None when there is nothing to say: encoded once, as `negotiate` hands
+    out one `Negotiated` for each distinct question."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datagram", encode_oack(self.oack) if self.oack else None)
 
 
 def blksize_for_mtu(mtu: int, ipv6: bool) -> int:
