@@ -37,6 +37,10 @@ a move, and when it fires with nothing due it is set for the first deadline exac
 never passes early; 5 ms is half the shortest retransmission timeout (engine.MIN_RTO)."""
 
 
+_NOT_SET = float("inf")
+"""`_call_at` with no call set: later than any deadline."""
+
+
 class Armed(Protocol):
     """What the heap asks of a transfer: the ticket of its one live entry, and the call when it comes due."""
 
@@ -57,7 +61,7 @@ class Deadlines:
         self._live = 0
         self._stale = 0
         self._call: Optional[IDelayedCall] = None
-        self._call_at = float("inf")
+        self._call_at = _NOT_SET
 
     def __len__(self) -> int:
         """Owners armed now."""
@@ -116,7 +120,7 @@ class Deadlines:
                 owner.deadline_passed()  # may arm again (a later entry), or end
             except Exception:  # one owner's bug must not stop every other owner's deadlines
                 log.failure("Unhandled error at a transfer's deadline")
-        self._call_at = float("inf")
+        self._call_at = _NOT_SET
         if not self._live:
             self._clear()
             return
@@ -130,6 +134,6 @@ class Deadlines:
         self._heap = []
         self._stale = 0
         call, self._call = self._call, None
-        self._call_at = float("inf")
+        self._call_at = _NOT_SET
         if call is not None and call.active():
             call.cancel()

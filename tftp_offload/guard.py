@@ -106,7 +106,9 @@ class Bucket:
         self.stamp = now
 
     def take(self, now: float) -> bool:
-        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:  # not min(): a builtin call per request
+            tokens = self.burst
         self.stamp = now
         if tokens < 1:
             self.tokens = tokens

@@ -43,6 +43,9 @@ _ANCILLARY_SPACE = (
     socket.CMSG_SPACE(_IN6_PKTINFO.size) + socket.CMSG_SPACE(_IN_PKTINFO.size) + socket.CMSG_SPACE(_TIMESPEC.size)
 )
 
+_SOL_SOCKET, _SOL_IP, _SOL_IPV6 = int(socket.SOL_SOCKET), int(socket.IPPROTO_IP), int(socket.IPPROTO_IPV6)
+_inet_ntoa = socket.inet_ntoa
+
 _READ_DONE = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNREFUSED))
 """recvmsg errors that end a read pass (as udp.Port's): nothing left, a signal, an ICMP error for an earlier send."""
 
@@ -189,8 +192,15 @@ class RequestPort(udp.Port):
         """The local address a datagram was sent to, and when it arrived."""
         local = None
         arrived = 0.0
+        # The kernel's order: the timestamp, then the address. Module constants, not socket.X
+        # lookups: this runs for every request a boot storm sends.
         for level, kind, payload in ancillary:
-            if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO:
+            if level == _SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
+                arrived = seconds + nanoseconds * 1e-9
+            elif level == _SOL_IP and kind == IP_PKTINFO:
+                local = _inet_ntoa(_IN_PKTINFO.unpack_from(payload)[2])
+            elif level == _SOL_IPV6 and kind == IPV6_PKTINFO:
                 raw, ifindex = _IN6_PKTINFO.unpack_from(payload)
                 address = ipaddress.IPv6Address(raw)
                 if address.ipv4_mapped is not None:
@@ -201,11 +211,6 @@ class RequestPort(udp.Port):
                     local = str(address)
                     if local.startswith("fe80:"):
                         local = f"{local}%{_interface_name(ifindex)}"
-            elif level == socket.IPPROTO_IP and kind == IP_PKTINFO:
-                local = socket.inet_ntoa(_IN_PKTINFO.unpack_from(payload)[2])
-            elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
-                seconds, nanoseconds = _TIMESPEC.unpack_from(payload)
-                arrived = seconds + nanoseconds * 1e-9
         return local or self.getHost().host, arrived or time.time()
 
     def reply(self, datagram: bytes, client: Address, local: str) -> None:
