@@ -449,3 +449,16 @@ def test_file_names_split_the_same_remembered_or_not() -> None:
             directory.name_parts(b"a/../b")
         with pytest.raises(FileNotFound):
             directory.name_parts(b"/./")
+
+
+def test_only_rules_and_per_client_roots_read_the_request_context(root: Path, tmp_path: Path) -> None:
+    """The server skips building a RequestContext for a backend that reads none; after a reload too."""
+    rules = tmp_path / "tftp.map"
+    rules.write_bytes(b"r ^a$ pxelinux.0\n")
+    assert DirectoryBackend(str(root)).reads_context is False
+    assert DirectoryBackend(str(root), per_client="ip").reads_context is True
+    mapped = DirectoryBackend(str(root), map_file=str(rules))
+    assert mapped.reads_context is True
+    rules.write_bytes(b"r ^b$ pxelinux.0\n")
+    assert mapped.reload() is True and mapped.reads_context is True
+    assert served_to(mapped, b"b", "192.0.2.5") == b"bootloader"

@@ -61,11 +61,10 @@ class DirectoryBackend:
         self.rules: Optional[RuleSet] = RuleSet.load(self.map_file) if self.map_file else None
         self.small_files = SmallFiles()
         """Small files' bytes, served while the walk's `lstat` says they are unchanged (`small_files`)."""
-
-    @property
-    def reads_context(self) -> bool:
-        """Only rewrite rules and per-client roots need the client's address (`IBackend.reads_context`)."""
-        return self.rules is not None or self.per_client is not None
+        self.reads_context = self.rules is not None or per_client is not None
+        """Only rewrite rules and per-client roots need the client's address (`IBackend.reads_context`).
+        An attribute, not a property: read twice per request, and neither changes after this (a reload
+        replaces the rules, never removes them)."""
 
     def reload(self) -> bool:
         """Read `map_file` again (on SIGHUP); a file that fails keeps the rules in force, with one line why."""
