@@ -86,7 +86,7 @@ class BoundedLookup:
     __slots__ = ("_clock", "_on_failure", "_on_reader", "_timeout", "_timer", "done")
 
     def __init__(self, clock: IReactorTime, timeout: float, on_reader: Callable[[Any], object],
-                 on_failure: "OnFailure") -> None:
+                 on_failure: OnFailure) -> None:
         self._clock = clock
         self._timeout = timeout
         self._on_reader = on_reader
