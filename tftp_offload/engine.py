@@ -99,6 +99,13 @@ class Outcome(str, Enum):
         return format(str(self.value), spec)
 
 
+def outcome_text(outcome: object) -> str:
+    """An outcome as plain text, for a log line's field and a report: an Enum member's value
+    (`_value_`, the documented attribute, not the `value` property, a Python call per transfer;
+    and a str Enum member hashes by name, not value), anything else as `str()`."""
+    return outcome._value_ if isinstance(outcome, Enum) else str(outcome)
+
+
 class ReadTransfer:
     """Serve one file to one peer: windowed (RFC 7440) or lock-step, with go-back-N."""
 

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from . import logs
 from .context import RequestContext
-from .engine import Outcome, ReadTransfer
+from .engine import Outcome, ReadTransfer, outcome_text
 from .errors import error_for
 from .lookup import BoundedLookup, LookupTimeout, as_failure, ask, finish_reader
 from .mux import PEER_SOCKET_BLOCKS, PortsExhausted
@@ -225,10 +225,8 @@ class Session:
         by = "client" if code is not None or message is not None else None
         if by is None and self.error is not None:
             code, message, by = self.error
-        outcome = report["outcome"]
         # One store a key, not update(**): a boot storm's small files each log one of these.
-        # `_value_`, the enum's documented attribute, not its `value` property: a Python call per line.
-        fields["outcome"] = outcome._value_ if isinstance(outcome, Outcome) else str(outcome)
+        fields["outcome"] = outcome_text(report["outcome"])
         fields["bytes"] = report["bytes"]
         fields["duration"] = report["duration"]
         fields["retransmits"] = report["retransmits"]

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 
-from .engine import Outcome
+from .engine import Outcome, outcome_text
 
 if TYPE_CHECKING:
     from .server import Session
@@ -100,9 +99,7 @@ class TransferReport:
 def report_outcome(outcome: Optional[str]) -> str:
     """A session's outcome as reports carry it: the documented values only (a transfer superseded by
     a new request from its client, or ended from our side for any other reason, is `aborted`)."""
-    # An Enum member's `_value_` itself: `value` is a Python property (a call per transfer), and a str
-    # Enum member hashes by name, not value.
-    text = outcome._value_ if isinstance(outcome, Enum) else str(outcome)
+    text = outcome_text(outcome)
     return text if text in OUTCOMES else "aborted"
 
 
